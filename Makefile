@@ -1,0 +1,52 @@
+# `make demo` and `make test` each set up .venv from scratch on a fresh machine, then run.
+#
+# torch: on CPU-only Linux we pin the CPU build (torch==2.13.0 resolves to 2.13.0+cpu where a CPU wheel is on
+# pip's find-links/index, as on our dev and CI machines), so setup does not download GBs of CUDA libraries.
+# Override TORCH_SPEC / TORCH_PIP_ARGS for another build, e.g.
+#   make TORCH_SPEC=torch TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" test
+SHELL       := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON      ?= python3
+# pip on our machines warns about absent local index folders; keep its real errors, drop that noise.
+QUIET       := 2>&1 | { grep -v '^WARNING: Location' || true; }
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip --disable-pip-version-check
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP       := $(VENV)/.ddpm-installed
+# Anything that changes what gets built or installed re-runs the install step.
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+DEMO_DIR    ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip $(QUIET)
+	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS) $(QUIET)
+	$(PY) -c "import torch" # fail here, clearly, if torch did not install
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
+	$(PIP) install -q --no-build-isolation -e ".[test]" $(QUIET)
+	$(PY) -c "import ddpm._C, ddpm.runtime.cli" # the extension must have built
+	touch $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf build runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from ddpm.runtime.cli import entry
+
+entry()

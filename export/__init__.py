@@ -1,0 +1,1 @@
+"""ddpm.export: checkpoint -> ONNX -> TensorRT engine, with metadata and parity checks."""

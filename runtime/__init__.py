@@ -1,0 +1,1 @@
+"""ddpm.runtime: schedule math, samplers, kernels front, backends, bench and the CLI."""

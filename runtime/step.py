@@ -1,0 +1,172 @@
+"""Plain-torch reference math: the forward process q_sample, prediction conversions, and one reverse step.
+
+``step`` is the reference the fused C++/CUDA kernel is checked against: it evaluates the same affine form
+from the same float32-cast coefficient table, in the same order of operations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError
+from .schedule import COEF_A, COEF_B, COEF_P, COEF_Q, COEF_SIGMA, Prediction, Sampler, Schedule, Variance
+
+__all__ = [
+    "step",
+    "step_coefficients",
+    "q_sample",
+    "extract",
+    "x0_from_eps",
+    "eps_from_x0",
+    "x0_from_v",
+    "eps_from_v",
+    "v_from_x0_eps",
+    "training_target",
+    "check_clip",
+]
+
+
+def extract(values: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[t] as float32 on t's device, shaped [N, 1, 1, ...] to broadcast against an ndim-dimensional x."""
+    v = torch.as_tensor(np.asarray(values), dtype=torch.float64, device=t.device)[t.long()]
+    return v.to(torch.float32).reshape(-1, *([1] * (ndim - 1)))
+
+
+def _check_t(schedule: Schedule, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, device=x.device)
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise InvalidArgumentError(f"t must have shape [N] = [{x.shape[0]}], got {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(schedule)):
+        raise InvalidArgumentError(f"t must index the schedule: 0..{len(schedule) - 1}, got {t.min()}..{t.max()}")
+    return t
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise InvalidArgumentError(f"shapes must match: {shapes}")
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Diffuse x0 [N, ...] to x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) noise (Ho et al. eq. 4)."""
+    _check_same_shape(x0=x0, noise=noise)
+    t = _check_t(schedule, t, x0)
+    ab = schedule.alphas_cumprod
+    return extract(np.sqrt(ab), t, x0.dim()) * x0 + extract(np.sqrt(1.0 - ab), t, x0.dim()) * noise
+
+
+def x0_from_eps(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x0 = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps."""
+    ab = schedule.alphas_cumprod
+    t = _check_t(schedule, t, x_t)
+    return extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - extract(np.sqrt(1.0 / ab - 1.0), t, x_t.dim()) * eps
+
+
+def eps_from_x0(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """eps = (sqrt(1/ab) x_t - x0) / sqrt(1/ab - 1)."""
+    ab = schedule.alphas_cumprod
+    t = _check_t(schedule, t, x_t)
+    return (extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - x0) / extract(np.sqrt(1.0 / ab - 1.0), t, x_t.dim())
+
+
+def x0_from_v(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x0 = sqrt(ab) x_t - sqrt(1 - ab) v."""
+    ab = schedule.alphas_cumprod
+    t = _check_t(schedule, t, x_t)
+    return extract(np.sqrt(ab), t, x_t.dim()) * x_t - extract(np.sqrt(1.0 - ab), t, x_t.dim()) * v
+
+
+def eps_from_v(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
+    ab = schedule.alphas_cumprod
+    t = _check_t(schedule, t, x_t)
+    return extract(np.sqrt(1.0 - ab), t, x_t.dim()) * x_t + extract(np.sqrt(ab), t, x_t.dim()) * v
+
+
+def v_from_x0_eps(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+    ab = schedule.alphas_cumprod
+    t = _check_t(schedule, t, x0)
+    return extract(np.sqrt(ab), t, x0.dim()) * eps - extract(np.sqrt(1.0 - ab), t, x0.dim()) * x0
+
+
+def training_target(
+    schedule: Schedule, prediction: Prediction | str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """What the network is trained to output at (x_t, t) for a prediction type: eps, x0 or v."""
+    prediction = Prediction.parse(prediction)
+    if prediction is Prediction.EPS:
+        return noise
+    if prediction is Prediction.X0:
+        return x0
+    return v_from_x0_eps(schedule, x0, t, noise)
+
+
+def check_clip(clip: float | None) -> float:
+    """None -> inf (no clipping); otherwise a positive finite bound c."""
+    if clip is None:
+        return math.inf
+    c = float(clip)
+    if not (c > 0) or math.isnan(c):
+        raise InvalidArgumentError(f"clip must be a positive number (or None for no clipping), got {clip}")
+    return c
+
+
+def step_coefficients(
+    schedule: Schedule,
+    i: int,
+    *,
+    prediction: Prediction | str = "eps",
+    sampler: Sampler | str = "ddpm",
+    variance: Variance | str = "fixed_small",
+    eta: float = 0.0,
+) -> tuple[float, float, float, float, float]:
+    """Row i of the coefficient table, cast to float32 (as the kernels see it): (a, b, p, q, sigma)."""
+    i = schedule.check_index(i)
+    row = schedule.coefficients(prediction, sampler, variance, eta)[i].astype(np.float32)
+    return tuple(float(v) for v in row)  # type: ignore[return-value]
+
+
+def step(
+    schedule: Schedule,
+    i: int,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    noise: torch.Tensor | None,
+    *,
+    prediction: Prediction | str = "eps",
+    sampler: Sampler | str = "ddpm",
+    variance: Variance | str = "fixed_small",
+    eta: float = 0.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """One reverse step x_i -> x_{i-1} (reference, plain torch, float32 in and out).
+
+    Args:
+        schedule: the (possibly respaced) schedule; ``i`` indexes it, 0 = the cleanest step.
+        x: x_t, [N, ...] float32.
+        model_output: the network's output at (x, schedule.timesteps[i]), same shape as x.
+        noise: z ~ N(0, I) like x; ignored (may be None) where sigma_i = 0.
+        clip: clip x0_hat to [-clip, clip]; None for no clipping.
+    Returns:
+        x_{i-1}, a new float32 tensor like x.
+    """
+    a, b, p, q, sigma = step_coefficients(schedule, i, prediction=prediction, sampler=sampler,
+                                          variance=variance, eta=eta)
+    c = check_clip(clip)
+    if x.dtype != torch.float32 or model_output.dtype != torch.float32:
+        raise InvalidArgumentError(f"x and model_output must be float32, got {x.dtype} and {model_output.dtype}")
+    _check_same_shape(x=x, model_output=model_output)
+    x0_hat = p * x + q * model_output
+    if math.isfinite(c):
+        x0_hat = x0_hat.clamp(-c, c)
+    out = a * x + b * x0_hat
+    if sigma != 0.0:
+        if noise is None:
+            raise InvalidArgumentError(f"step {i} has sigma = {sigma:.3g} > 0 and needs noise, got None")
+        _check_same_shape(x=x, noise=noise)
+        out = out + sigma * noise
+    return out

@@ -1,0 +1,1 @@
+"""ddpm.trainer: UNet / MLP denoisers, datasets, the training loop and checkpoints."""
