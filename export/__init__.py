@@ -1,1 +1,30 @@
-"""ddpm.export: checkpoint -> ONNX -> TensorRT engine, with metadata and parity checks."""
+"""ddpm.export: checkpoint -> ONNX -> TensorRT engine, with artifact metadata and parity checks.
+
+    from ddpm.export import export
+    report = export("runs/digits/model.safetensors", "unet.onnx")   # parity at batch 1 and 7 before writing
+
+Names are imported lazily: ``ddpm.export.cli`` (loaded for ``ddpm --help``) must not pull in torch or onnx.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "export": "ddpm.export.pipeline",
+    "ExportReport": "ddpm.export.pipeline",
+    "describe": "ddpm.export.info",
+    "convert_to_half": "ddpm.export.precision",
+    "ParityError": "ddpm.export.parity",
+    "ParityResult": "ddpm.export.parity",
+    "TOLERANCES": "ddpm.export.parity",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ddpm.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -44,9 +44,8 @@ def schedule_cmd(
     plot: Annotated[Path | None, typer.Option(help="draw sqrt(alphabar) and sqrt(1-alphabar) against t")] = None,
 ) -> None:
     """Print a schedule's table (t, beta, alphabar, SNR) and optionally plot it."""
-    from .schedule_report import plot_schedule, schedule_table
-
     from .schedule import Schedule
+    from .schedule_report import plot_schedule, schedule_table
 
     sched = Schedule.create(kind, timesteps)
     if steps is not None:
@@ -84,8 +83,20 @@ def _register_commands() -> None:
 _register_commands()
 
 
+_invocation: list[str] = []
+
+
+def invocation() -> str:
+    """The command line being run, shell-quoted (benchmarks record it next to their figures)."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["ddpm", *_invocation])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _invocation[:] = argv
     debug = os.environ.get("DDPM_DEBUG", "") not in ("", "0")
     try:
         # Standalone mode: typer prints usage errors itself (exit 2) and raises SystemExit.

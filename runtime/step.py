@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .schedule import COEF_A, COEF_B, COEF_P, COEF_Q, COEF_SIGMA, Prediction, Sampler, Schedule, Variance
+from .schedule import Prediction, Sampler, Schedule, Variance
 
 __all__ = [
     "step",

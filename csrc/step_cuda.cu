@@ -1,0 +1,196 @@
+// CUDA kernels of ddpm._C_cuda, in two halves: kernels, then launchers (llm.c style). The noise and the affine
+// form come from philox.h / step_math.h, the same code the CPU build runs and the CPU tests check.
+//
+// Each thread takes one group (4 consecutive elements of a sample = one Philox block) in a grid-stride loop.
+// When every sample's length is a multiple of 4 and the buffers are 16-byte aligned, a group is one float4
+// load/store per tensor; otherwise a scalar path handles the group (and a sample's partial last group).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "philox.h"
+#include "step_cuda.h"
+#include "step_math.h"
+
+namespace ddpm::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------- kernels
+
+struct Row {
+  float a, b, p, q, sigma;
+};
+
+struct Geometry {
+  int64_t d;                // elements per sample
+  uint32_t groups;          // groups per sample, ceil(d / 4)
+  uint32_t total;           // n * groups (< 2^32, checked by the launcher)
+};
+
+// Fused step. With `table`, the coefficient row and the step index come from the device counter (CUDA graphs:
+// the graph's kernel arguments never change, the counter does); a counter outside the table writes NaN so that
+// the sampling loop's finiteness check stops the run instead of reading out of bounds.
+// No __restrict__ on x, m, out: out may be x or m (in place); each thread reads its group before writing it.
+template <bool kVec>
+__global__ void fused_step_kernel(const float* x, const float* m, float* out, Geometry geo,
+                                  Row row, const float* __restrict__ table, const int* __restrict__ counter,
+                                  int64_t table_rows, float clip, uint32_t k0, uint32_t k1, uint32_t step,
+                                  uint32_t sample_offset) {
+  if (table != nullptr) {
+    const int i = *counter;
+    if (i >= 0 && i < table_rows) {
+      const float* r = table + 5 * static_cast<int64_t>(i);
+      row = Row{r[0], r[1], r[2], r[3], r[4]};
+      step = static_cast<uint32_t>(i);
+    } else {
+      row = Row{NAN, NAN, NAN, NAN, 0.0f};
+    }
+  }
+  const bool noise = row.sigma != 0.0f;  // uniform across the grid: no divergence
+  // 64-bit loop variable: g + stride must not wrap around 2^32 back into the range.
+  for (uint64_t gg = blockIdx.x * blockDim.x + threadIdx.x; gg < geo.total; gg += gridDim.x * blockDim.x) {
+    const uint32_t g = static_cast<uint32_t>(gg);  // < 2^32; 32-bit division is much cheaper
+    const uint32_t s = g / geo.groups, c = g - s * geo.groups;
+    const int64_t e = static_cast<int64_t>(s) * geo.d + 4 * static_cast<int64_t>(c);
+    float z[4] = {0.f, 0.f, 0.f, 0.f};
+    if (noise) normal4(c, sample_offset + s, step, kStreamStep, k0, k1, z[0], z[1], z[2], z[3]);
+    if constexpr (kVec) {
+      // x and m are read before out is written, so out == x (in place) is fine.
+      const float4 xv = *reinterpret_cast<const float4*>(x + e);
+      const float4 mv = *reinterpret_cast<const float4*>(m + e);
+      float4 o;
+      o.x = affine(xv.x, mv.x, z[0], row.a, row.b, row.p, row.q, row.sigma, clip);
+      o.y = affine(xv.y, mv.y, z[1], row.a, row.b, row.p, row.q, row.sigma, clip);
+      o.z = affine(xv.z, mv.z, z[2], row.a, row.b, row.p, row.q, row.sigma, clip);
+      o.w = affine(xv.w, mv.w, z[3], row.a, row.b, row.p, row.q, row.sigma, clip);
+      *reinterpret_cast<float4*>(out + e) = o;
+    } else {
+      const int k_end = static_cast<int>(geo.d - 4 * static_cast<int64_t>(c) < 4 ? geo.d - 4 * static_cast<int64_t>(c) : 4);
+      for (int k = 0; k < k_end; ++k) {
+        out[e + k] = affine(x[e + k], m[e + k], z[k], row.a, row.b, row.p, row.q, row.sigma, clip);
+      }
+    }
+  }
+}
+
+// After the step kernel (same stream): the next replay takes the next row (the loop runs i = steps-1 .. 0).
+__global__ void advance_counter_kernel(int* counter) { *counter -= 1; }
+
+template <bool kVec>
+__global__ void normal_kernel(float* out, Geometry geo, uint32_t k0, uint32_t k1, uint32_t step, uint32_t stream,
+                              uint32_t sample_offset) {
+  // 64-bit loop variable: g + stride must not wrap around 2^32 back into the range.
+  for (uint64_t gg = blockIdx.x * blockDim.x + threadIdx.x; gg < geo.total; gg += gridDim.x * blockDim.x) {
+    const uint32_t g = static_cast<uint32_t>(gg);  // < 2^32; 32-bit division is much cheaper
+    const uint32_t s = g / geo.groups, c = g - s * geo.groups;
+    const int64_t e = static_cast<int64_t>(s) * geo.d + 4 * static_cast<int64_t>(c);
+    float z[4];
+    normal4(c, sample_offset + s, step, stream, k0, k1, z[0], z[1], z[2], z[3]);
+    if constexpr (kVec) {
+      *reinterpret_cast<float4*>(out + e) = make_float4(z[0], z[1], z[2], z[3]);
+    } else {
+      const int k_end = static_cast<int>(geo.d - 4 * static_cast<int64_t>(c) < 4 ? geo.d - 4 * static_cast<int64_t>(c) : 4);
+      for (int k = 0; k < k_end; ++k) out[e + k] = z[k];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- launchers
+
+constexpr int kThreads = 256;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) + ")");
+  }
+}
+
+// Blocks for a grid-stride loop over `total` groups: enough to fill every SM a few times over, no more.
+unsigned blocks_for(uint32_t total, int device) {
+  static int sm_count[64] = {};  // per device, queried once (a benign race: every thread writes the same value)
+  int sms = device >= 0 && device < 64 ? sm_count[device] : 0;
+  if (sms == 0) {
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    if (device >= 0 && device < 64) sm_count[device] = sms;
+  }
+  const uint64_t needed = (static_cast<uint64_t>(total) + kThreads - 1) / kThreads;
+  const uint64_t cap = static_cast<uint64_t>(sms > 0 ? sms : 1) * 16;
+  return static_cast<unsigned>(needed < cap ? (needed > 0 ? needed : 1) : cap);
+}
+
+Geometry geometry(int64_t n, int64_t d) {
+  const int64_t groups = (d + 3) / 4;
+  if (n * groups >= (int64_t{1} << 32)) {
+    throw std::invalid_argument("tensor too large for the CUDA kernels: n * ceil(d / 4) must be < 2^32");
+  }
+  return Geometry{d, static_cast<uint32_t>(groups), static_cast<uint32_t>(n * groups)};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+void fused_step(const StepLaunch& L) {
+  const Geometry geo = geometry(L.n, L.d);
+  if (L.table != nullptr && L.counter == nullptr) throw std::invalid_argument("a coefficient table needs a counter");
+  check(cudaSetDevice(L.device), "cudaSetDevice");  // our (static) runtime keeps its own current device
+  const auto stream = reinterpret_cast<cudaStream_t>(L.stream);
+  const bool vec = L.d % 4 == 0 && aligned16(L.x) && aligned16(L.m) && aligned16(L.out);
+  const Row row{L.a, L.b, L.p, L.q, L.sigma};
+  const uint32_t k0 = static_cast<uint32_t>(L.seed), k1 = static_cast<uint32_t>(L.seed >> 32);
+  if (geo.total > 0) {
+    const unsigned blocks = blocks_for(geo.total, L.device);
+    if (vec) {
+      fused_step_kernel<true><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, geo, row, L.table, L.counter,
+                                                               L.table_rows, L.clip, k0, k1, L.step, L.sample_offset);
+    } else {
+      fused_step_kernel<false><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, geo, row, L.table, L.counter,
+                                                                L.table_rows, L.clip, k0, k1, L.step, L.sample_offset);
+    }
+    check(cudaGetLastError(), "fused_step_kernel launch");
+  }
+  if (L.table != nullptr) {
+    advance_counter_kernel<<<1, 1, 0, stream>>>(L.counter);
+    check(cudaGetLastError(), "advance_counter_kernel launch");
+  }
+}
+
+void normal(const NormalLaunch& L) {
+  const Geometry geo = geometry(L.n, L.d);
+  if (geo.total == 0) return;
+  check(cudaSetDevice(L.device), "cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(L.stream);
+  const uint32_t k0 = static_cast<uint32_t>(L.seed), k1 = static_cast<uint32_t>(L.seed >> 32);
+  const unsigned blocks = blocks_for(geo.total, L.device);
+  if (L.d % 4 == 0 && aligned16(L.out)) {
+    normal_kernel<true><<<blocks, kThreads, 0, stream>>>(L.out, geo, k0, k1, L.step, L.stream_id, L.sample_offset);
+  } else {
+    normal_kernel<false><<<blocks, kThreads, 0, stream>>>(L.out, geo, k0, k1, L.step, L.stream_id, L.sample_offset);
+  }
+  check(cudaGetLastError(), "normal_kernel launch");
+}
+
+// Number of visible CUDA devices; 0 when no driver or device is present (never throws).
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+void device_properties(int device, int& major, int& minor, char* name, int name_len) {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  major = prop.major;
+  minor = prop.minor;
+  std::snprintf(name, static_cast<size_t>(name_len), "%s", prop.name);
+}
+
+}  // namespace ddpm::cuda

@@ -1,0 +1,189 @@
+"""The onnxruntime backend: an exported ``unet.onnx`` on the CPU or CUDA execution provider.
+
+Inputs and the output are bound with IO binding to torch tensors' memory on both providers, so nothing is
+copied per call: on CPU onnxruntime reads x and writes its output in place; on CUDA the buffers are device
+memory shared with torch and the session runs on the torch stream the sampling loop uses
+(``user_compute_stream``), with no host synchronisation after a run. ``cuda_graph=True`` turns on onnxruntime's
+own CUDA-graph capture (it needs the bound addresses to stay fixed, so x and t are copied into static buffers).
+
+The CUDA EP is requested only when torch sees a GPU: asking for it on a machine without the CUDA 13 / cuDNN 9
+libraries prints a loud error and falls back (DESIGN.md), so on CPU the session names CPUExecutionProvider alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ._common import check_call
+
+__all__ = ["OnnxRuntimeBackend", "import_onnxruntime"]
+
+_ORT_TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(int64)": (np.int64, torch.int64)}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the onnxruntime backend needs onnxruntime ({e}); install it: pip install onnxruntime-gpu "
+            "(Linux x86_64, also runs on CPU) or pip install onnxruntime"
+        ) from None
+    return onnxruntime
+
+
+def _read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    from ..artifacts import read_metadata
+
+    return read_metadata(path)
+
+
+class OnnxRuntimeBackend:
+    """An onnxruntime session over ``path`` with IO binding; ``backend(x, t) -> model output`` on ``device``."""
+
+    name = "onnxruntime"
+    capturable = False  # onnxruntime records its own CUDA graph (cuda_graph=True); torch cannot capture a run
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: torch.device,
+        *,
+        threads: int | None = None,
+        cuda_graph: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        ort = import_onnxruntime()
+        from . import default_cpu_threads
+
+        self.path = os.fspath(path)
+        self.meta = meta if meta is not None else _read_metadata(path)
+        self.sample_shape = tuple(int(s) for s in self.meta["sample_shape"])
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        if cuda_graph and not cuda:
+            raise InvalidArgumentError("--cuda-graph needs a CUDA device; the onnxruntime backend is on cpu")
+        self.cuda_graph = cuda_graph
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = threads or default_cpu_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: warnings about unused initialisers etc. are noise here
+        if cuda:
+            # ORT treats stream handle 0 as "none", and torch's default stream is 0: use a stream of our own.
+            self.stream = torch.cuda.Stream(self.device)
+            cuda_opts = {
+                "device_id": str(self.device.index or 0),
+                "user_compute_stream": str(self.stream.cuda_stream),
+                "has_user_compute_stream": "1",
+                "enable_cuda_graph": "1" if cuda_graph else "0",
+                "arena_extend_strategy": "kSameAsRequested",
+            }
+            providers: list[Any] = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        else:
+            self.stream = None
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(self.path, so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load this model: {first}") from None
+        if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise MissingDependencyError(
+                "onnxruntime could not start its CUDA execution provider (needs onnxruntime-gpu with the CUDA 13 "
+                "and cuDNN 9 libraries); use --device cpu"
+            )
+        self._find_io()
+        self.run_options = ort.RunOptions()
+        if cuda:
+            # Ordering with torch's kernels comes from sharing the stream; no host sync after each run.
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.binding = self.session.io_binding()
+        self._out: torch.Tensor | None = None
+        self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+        provider = self.session.get_providers()[0]
+        extra = f", {so.intra_op_num_threads} intra-op threads" if not cuda else ""
+        extra += ", onnxruntime CUDA graph" if cuda_graph else ""
+        self.description = f"onnxruntime {ort.__version__} ({provider}{extra})"
+
+    def _find_io(self) -> None:
+        """Name the x / t inputs and the output, and check them against the metadata's sample shape."""
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        rank = 1 + len(self.sample_shape)
+        xs = [i for i in ins if i.type == "tensor(float)" and len(i.shape) == rank]
+        ts = [i for i in ins if i not in xs and len(i.shape) == 1 and i.type in _ORT_TYPES]
+        if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
+            sig = ", ".join(f"{i.name}: {i.type}{i.shape}" for i in ins)
+            raise ArtifactError(
+                f"{self.path}: expected a denoiser with inputs x [N, {', '.join(map(str, self.sample_shape))}] "
+                f"float32 and t [N] and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
+            )
+        x, t = xs[0], ts[0]
+        for got, want in zip(x.shape[1:], self.sample_shape, strict=True):
+            if isinstance(got, int) and got != want:
+                raise ArtifactError(
+                    f"{self.path}: inconsistent metadata: input {x.name!r} has shape {x.shape} but the metadata "
+                    f"says sample_shape {list(self.sample_shape)}"
+                )
+        self.x_name, self.t_name, self.out_name = x.name, t.name, outs[0].name
+        self.t_dtype = _ORT_TYPES[t.type][1]
+        self.fixed_batch = x.shape[0] if isinstance(x.shape[0], int) else None
+
+    def _bind(self, name: str, tensor: torch.Tensor, *, output: bool = False) -> None:
+        dtype = np.float32 if tensor.dtype == torch.float32 else np.int64
+        kind, index = self.device.type, (self.device.index or 0)
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, kind, index, dtype, list(tensor.shape), tensor.data_ptr())
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        check_call(x, t, self.sample_shape, self.device)
+        n = x.shape[0]
+        if self.fixed_batch is not None and n != self.fixed_batch:
+            raise InvalidArgumentError(
+                f"{self.path} was exported for batch {self.fixed_batch} only; use --batch {self.fixed_batch} "
+                "or export with a dynamic batch"
+            )
+        if self.cuda_graph:
+            return self._call_graph(x, t)
+        x = x.contiguous()
+        t = t.to(self.t_dtype).contiguous()
+        if self._out is None or self._out.shape != x.shape:
+            self._out = torch.empty_like(x)
+            self._bind(self.out_name, self._out, output=True)
+        self._bind(self.x_name, x)
+        self._bind(self.t_name, t)
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return self._out
+
+    def _call_graph(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """onnxruntime CUDA graph: one graph per batch size (``gpu_graph_id``), fixed buffers per graph."""
+        n = x.shape[0]
+        if n not in self._static:
+            xs, ts, out = torch.empty_like(x), torch.empty(n, dtype=self.t_dtype, device=x.device), torch.empty_like(x)
+            self._static[n] = (xs, ts, out, len(self._static))
+        xs, ts, out, graph_id = self._static[n]
+        if xs.data_ptr() != x.data_ptr():
+            xs.copy_(x)
+        ts.copy_(t)
+        self._bind(self.x_name, xs)
+        self._bind(self.t_name, ts)
+        self._bind(self.out_name, out, output=True)
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return out
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.binding = None
+        self.session = None
+        self._out = None
+        self._static.clear()

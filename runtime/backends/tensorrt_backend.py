@@ -1,0 +1,153 @@
+"""The TensorRT backend: a serialised engine (``unet.trt``) and its JSON sidecar.
+
+Written against TensorRT 10's public Python API only: ``deserialize_cuda_engine`` once, named IO tensors
+(``get_tensor_name`` / ``get_tensor_mode``), ``set_input_shape`` + ``set_tensor_address`` and
+``execute_async_v3`` on torch's current stream — no bindings indices, no ``execute_async_v2``. Enqueueing on
+the current stream lets the sampling loop record a call inside ``torch.cuda.graph`` (``capturable``).
+
+The sidecar is validated (TensorRT version, GPU, compute capability) before the engine is deserialised: an
+engine built for another GPU or TensorRT version is refused with one line instead of a crash inside TensorRT.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ArtifactError, InvalidArgumentError, MissingDependencyError, SamplingError
+from ._common import check_call
+
+__all__ = ["TensorRTBackend", "import_tensorrt"]
+
+INSTALL_HINT = (
+    "install TensorRT 10 on a machine with an NVIDIA GPU and driver: pip install 'ddpm[trt]' "
+    "(or use the ONNX file with the onnxruntime backend)"
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise MissingDependencyError(f"the tensorrt backend needs the tensorrt package ({e}); {INSTALL_HINT}") from None
+    major = int(str(tensorrt.__version__).split(".")[0])
+    if major < 10:
+        raise MissingDependencyError(f"tensorrt {tensorrt.__version__} is too old (need >= 10); {INSTALL_HINT}")
+    return tensorrt
+
+
+def _check_compat(path: Path, meta: dict[str, Any], trt: Any, device: torch.device) -> None:
+    """The sidecar checked against the running TensorRT version and GPU (runtime/artifacts.py)."""
+    from ..artifacts import check_engine_compat
+
+    major, minor = torch.cuda.get_device_capability(device)
+    check_engine_compat(
+        meta,
+        trt_version=trt.__version__,
+        gpu_name=torch.cuda.get_device_name(device),
+        compute_capability=(major, minor),
+        source=str(path),
+    )
+
+
+class TensorRTBackend:
+    """One TensorRT execution context over a deserialised engine; ``backend(x, t)`` on a CUDA device."""
+
+    name = "tensorrt"
+    capturable = True
+
+    def __init__(self, path: str | os.PathLike, device: torch.device) -> None:
+        from ..artifacts import read_metadata
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        # Order of checks: the files (sidecar present and consistent), then the device, then TensorRT itself.
+        self.meta = read_metadata(self.path)
+        if self.device.type != "cuda":
+            raise InvalidArgumentError(
+                f"{self.path.name} is a TensorRT engine: it runs only on a CUDA GPU, got device {self.device}; "
+                "use the ONNX file for CPU"
+            )
+        trt = import_tensorrt()
+        _check_compat(self.path, self.meta, trt, self.device)
+        self.sample_shape = tuple(int(s) for s in self.meta["sample_shape"])
+        self.stream = None
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise ArtifactError(f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine")
+            self.context = self.engine.create_execution_context()
+        self._find_io()
+        self._n: int | None = None
+        self._out: torch.Tensor | None = None
+        self.description = (
+            f"tensorrt {trt.__version__} on {torch.cuda.get_device_name(self.device)} "
+            f"(batch {self.min_batch}..{self.max_batch})"
+        )
+
+    def _find_io(self) -> None:
+        trt, eng = self._trt, self.engine
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        ins = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        rank = 1 + len(self.sample_shape)
+        xs = [n for n in ins if len(eng.get_tensor_shape(n)) == rank]
+        ts = [n for n in ins if n not in xs and len(eng.get_tensor_shape(n)) == 1]
+        if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
+            raise ArtifactError(f"{self.path}: expected inputs x [N, ...] and t [N] and one output, got {names}")
+        self.x_name, self.t_name, self.out_name = xs[0], ts[0], outs[0]
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                  trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
+        try:
+            self.x_dtype = dtypes[eng.get_tensor_dtype(self.x_name)]
+            self.t_dtype = dtypes[eng.get_tensor_dtype(self.t_name)]
+            self.out_dtype = dtypes[eng.get_tensor_dtype(self.out_name)]
+        except KeyError as e:
+            raise ArtifactError(f"{self.path}: unsupported IO tensor type {e.args[0]}") from None
+        lo, _opt, hi = eng.get_tensor_profile_shape(self.x_name, 0)
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        if tuple(int(d) for d in lo[1:]) != self.sample_shape:
+            raise ArtifactError(
+                f"{self.path}: inconsistent metadata: engine input {list(lo[1:])} vs sample_shape {list(self.sample_shape)}"
+            )
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        check_call(x, t, self.sample_shape, self.device)
+        n = x.shape[0]
+        if n != self._n:
+            if not (self.min_batch <= n <= self.max_batch):
+                raise InvalidArgumentError(
+                    f"{self.path.name} was built for batch {self.min_batch}..{self.max_batch}, got {n}; "
+                    "use --batch in that range or rebuild the engine with a wider profile"
+                )
+            self.context.set_input_shape(self.x_name, tuple(x.shape))
+            self.context.set_input_shape(self.t_name, (n,))
+            self._out = torch.empty(x.shape, dtype=self.out_dtype, device=self.device)
+            self.context.set_tensor_address(self.out_name, self._out.data_ptr())
+            self._n = n
+        # Inputs converted only when the engine's IO types differ (an fp16-IO engine, int32 timesteps).
+        xin = x if self.x_dtype == torch.float32 else x.to(self.x_dtype)
+        tin = t if self.t_dtype == torch.int64 else t.to(self.t_dtype)
+        self._keep = (xin, tin)  # the engine reads these asynchronously: keep them alive until the next call
+        self.context.set_tensor_address(self.x_name, xin.data_ptr())
+        self.context.set_tensor_address(self.t_name, tin.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise SamplingError(f"{self.path.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        out = self._out
+        return out if out.dtype == torch.float32 else out.float()
+
+    def __enter__(self) -> TensorRTBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Context before engine before runtime: TensorRT objects must die in reverse order of creation.
+        self.context = None
+        self.engine = None
+        self._runtime = None
+        self._out = None

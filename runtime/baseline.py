@@ -1,0 +1,51 @@
+"""The eager-PyTorch baseline every benchmark row is compared against: the reverse step as the seeds write it.
+
+Seed 003's sampling loop (and seed 001's ``sample_backward``) update x with separate elementwise ops and a fresh
+``torch.randn_like`` per step:
+
+    x = (1 / sqrt(alpha_t)) * (x - ((1 - alpha_t) / sqrt(1 - alphabar_t)) * eps) + sqrt(beta_t) * z
+
+with alpha_t, alphabar_t, beta_t 0-d tensors indexed from the scheduler's tables. (``torch.randn_like``, not the
+seeds' ``rand_like`` typo: DESIGN.md's seeds README lists that error.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .schedule import Schedule
+
+__all__ = ["SeedScheduler", "eager_update", "eager_loop"]
+
+
+class SeedScheduler:
+    """The seeds' NoiseScheduler tables as float32 tensors on a device (fixed_large variance: sigma^2 = beta)."""
+
+    def __init__(self, schedule: Schedule, device: torch.device | str = "cpu") -> None:
+        self.betas = torch.tensor(schedule.betas, dtype=torch.float32, device=device)
+        self.alphas = torch.tensor(schedule.alphas, dtype=torch.float32, device=device)
+        self.alphas_cumprod = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+        self.timesteps = np.asarray(schedule.timesteps)
+
+
+def eager_update(sched: SeedScheduler, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """One seed-style reverse update at schedule index i (separate ops + torch.randn_like)."""
+    beta_t = sched.betas[i]
+    alpha_t = sched.alphas[i]
+    alpha_t_bar = sched.alphas_cumprod[i]
+    noise = torch.randn_like(x) if i > 0 else torch.zeros_like(x)
+    return (1 / torch.sqrt(alpha_t)) * (x - ((1 - alpha_t) / (torch.sqrt(1 - alpha_t_bar))) * eps) + torch.sqrt(
+        beta_t
+    ) * noise
+
+
+@torch.no_grad()
+def eager_loop(model: torch.nn.Module, sched: SeedScheduler, x: torch.Tensor, steps: range | list[int]) -> torch.Tensor:
+    """The seeds' sampling loop over schedule indices ``steps`` (descending), eager torch throughout."""
+    n = x.shape[0]
+    for i in steps:
+        t = torch.full((n,), int(sched.timesteps[i]), dtype=torch.int64, device=x.device)
+        eps = model(x, t)
+        x = eager_update(sched, i, x, eps)
+    return x

@@ -1,0 +1,56 @@
+"""Tiny artifacts for the runtime tests: checkpoints written by the trainer's code, ONNX files by the exporter's.
+
+Weights are random (fresh on every run, not seeded) and the zero-initialised output layers are perturbed, so the
+networks compute something non-trivial; what the tests check must hold for any weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddpm.runtime.schedule import Schedule
+from ddpm.trainer.checkpoint import save_checkpoint
+from ddpm.trainer.models import build_model, preset_config
+
+CONFIGS = {
+    "mlp": lambda: preset_config("mlp", hidden=32, time_dim=16, depth=2),
+    "unet": lambda: preset_config("tiny", base_channels=8, groups=4, num_res_blocks=1),
+}
+
+
+def export_onnx(ckpt: Path, out: Path) -> Path:
+    """The project's exporter, as ``ddpm export --ckpt CKPT --out unet.onnx`` runs it (parity-checked)."""
+    from ddpm.export.pipeline import export
+
+    export(ckpt, out)
+    return out
+
+
+def make_checkpoint(folder: Path, kind: str, *, prediction: str = "eps", scale: float = 0.05) -> Path:
+    model = build_model(CONFIGS[kind]())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    meta = {"schedule": Schedule.linear(1000).config, "prediction": prediction, "dataset": "test", "step": 0}
+    return save_checkpoint(folder / f"{kind}.safetensors", model, meta)
+
+
+_CACHE: dict[str, dict[str, tuple[Path, Path]]] = {}
+
+
+def make_artifacts(folder: Path) -> dict[str, tuple[Path, Path]]:
+    """{"mlp": (checkpoint, onnx), "unet": (checkpoint, onnx)}: [2] points and [1, 8, 8] images."""
+    out = {}
+    for kind in CONFIGS:
+        ckpt = make_checkpoint(folder, kind)
+        out[kind] = (ckpt, export_onnx(ckpt, folder / f"{kind}.onnx"))
+    return out
+
+
+def shared_artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """One set per test session (the ONNX export takes seconds): the runtime test files share it read-only."""
+    if "art" not in _CACHE:
+        _CACHE["art"] = make_artifacts(tmp_path_factory.mktemp("runtime_artifacts"))
+    return _CACHE["art"]

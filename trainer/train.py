@@ -1,0 +1,352 @@
+"""The training loop: Ho et al. Algorithm 1 with AdamW, LR warmup, gradient clipping and an EMA of the weights.
+
+    repeat: x0 ~ data, t ~ Uniform{0..T-1}, eps ~ N(0, I)
+            x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps                       (q_sample)
+            loss = || target(x0, eps, t) - model(x_t, t) ||^2              (eps, x0 or v target)
+
+Reproducibility without RNG state: the random draws of step k (flips, t, eps, dropout) come from torch's
+global RNG re-seeded with a hash of (seed, k), and batch k's indices from a permutation keyed by (seed, epoch).
+So the whole random stream is a function of (seed, step), and ``--resume`` continues EXACTLY from the
+training-state file (weights, EMA, AdamW moments, step, losses) — same loss trajectory as an uninterrupted run.
+
+Run directory: model.safetensors (EMA weights + metadata), train_state.pt (resume point; loaded with
+weights_only=True), config.json, samples.png (+ samples/step_*.png), loss.csv, loss.png. All writes atomic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..runtime.errors import ArtifactError, InvalidArgumentError
+from ..runtime.io import atomic_path, write_text_atomic
+from ..runtime.schedule import Prediction, Schedule
+from ..runtime.step import q_sample, training_target
+from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .data import Dataset, dataset_kind, load_dataset
+from .models import build_model, count_params, preset_config
+from .preview import plot_loss, reference_sample, write_loss_csv
+from .progress import TrainProgress
+
+__all__ = ["TrainConfig", "DATASET_DEFAULTS", "train", "STATE_NAME"]
+
+STATE_NAME = "train_state.pt"
+_STATE_VERSION = 1
+
+# Per dataset kind: the preset and optimisation settings used when an option is left at None. swissroll and
+# digits are sized to train in minutes on a 2-core CPU (see tests/test_train_quality.py).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "swissroll": {"model": "mlp", "iters": 4000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
+    "digits": {"model": "tiny", "iters": 2000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.995},
+    "mnist": {"model": "mnist", "iters": 30000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
+    "cifar10": {"model": "cifar10", "iters": 800000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
+    "folder": {"model": "cifar10", "iters": 100000, "batch_size": 64, "lr": 2e-4, "ema_decay": 0.9999},
+}
+_FLIP_DEFAULT = {"cifar10": True, "folder": True}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (None = the dataset's default, see DATASET_DEFAULTS)."""
+
+    data: str  # dataset spec: swissroll | digits | mnist:DIR | cifar10:DIR | folder:DIR
+    out: str | Path  # run directory; the checkpoint is out/model.safetensors
+    model: str | None = None  # preset: tiny | mnist | cifar10 | mlp
+    iters: int | None = None  # total optimisation steps (a resumed run continues up to this step)
+    batch_size: int | None = None
+    lr: float | None = None  # AdamW peak learning rate, reached after `warmup` steps, then constant
+    warmup: int = 200  # linear LR warmup steps (Ho et al. use 5000 for CIFAR-10)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (the paper's Adam had none)
+    grad_clip: float = 1.0  # clip the global gradient norm (as in the paper)
+    ema_decay: float | None = None  # EMA of the weights (0.9999 in the paper); ramped up early in training
+    image_size: int | None = None  # resize images (centre-crop for folder:DIR)
+    timesteps: int = 1000  # T of the training schedule
+    schedule: str = "linear"  # linear | cosine
+    prediction: str = "eps"  # eps | x0 | v: the regression target
+    dropout: float | None = None  # override the preset's dropout
+    flip: bool | None = None  # random horizontal flips (default: on for cifar10/folder)
+    save_every: int = 0  # also save every N steps (0: only at the end)
+    sample_steps: int = 50  # respaced DDPM steps for the preview grid
+    num_samples: int | None = None  # preview samples: None = 64 images in the grid, or 1000 points
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # torch CPU threads while training (None: leave torch's setting). Small models on a busy 2-core machine
+    # train several times faster on 1 thread than on 2 (the OpenMP pool spins against other processes).
+    threads: int | None = None
+    resume: bool = False  # continue from out/train_state.pt
+    progress: bool = True  # rich progress bar on stderr
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every None replaced by the dataset default, validated."""
+        kind = dataset_kind(self.data)
+        d = DATASET_DEFAULTS[kind]
+        cfg = dataclasses.replace(self, out=Path(self.out))
+        for key in ("model", "iters", "batch_size", "lr", "ema_decay"):
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, d[key])
+        if cfg.flip is None:
+            cfg.flip = _FLIP_DEFAULT.get(kind, False)
+        _validate(cfg)
+        return cfg
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that determine the loss trajectory; a resumed run must match them."""
+        skip = {"out", "iters", "save_every", "sample_steps", "num_samples", "device", "threads", "resume",
+                "progress"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def _validate(c: TrainConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise InvalidArgumentError(msg)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    need(is_int(c.iters) and c.iters >= 1, f"--iters must be an integer >= 1, got {c.iters!r}")
+    need(is_int(c.batch_size) and c.batch_size >= 1, f"--batch-size must be an integer >= 1, got {c.batch_size!r}")
+    need(math.isfinite(c.lr) and c.lr > 0, f"--lr must be a positive number, got {c.lr!r}")
+    need(is_int(c.warmup) and c.warmup >= 0, f"--warmup must be an integer >= 0, got {c.warmup!r}")
+    need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}")
+    need(c.grad_clip > 0, f"--grad-clip must be > 0, got {c.grad_clip!r}")
+    need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {c.ema_decay!r}")
+    need(is_int(c.save_every) and c.save_every >= 0, f"--save-every must be an integer >= 0, got {c.save_every!r}")
+    need(is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}")
+    need(c.num_samples is None or (is_int(c.num_samples) and c.num_samples >= 1),
+         f"--num-samples must be >= 1, got {c.num_samples!r}")
+    need(c.sample_steps <= c.timesteps, f"--sample-steps {c.sample_steps} exceeds --timesteps {c.timesteps}")
+    need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in 0..2^63-1, got {c.seed!r}")
+    need(c.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {c.device!r}")
+    need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
+    Prediction.parse(c.prediction)
+    if c.schedule not in ("linear", "cosine"):
+        raise InvalidArgumentError(f"unknown schedule kind {c.schedule!r}; allowed: linear, cosine")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _check_out_dir(out: Path) -> None:
+    """Fail before any work when the run directory cannot be created or written."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InvalidArgumentError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"--out {str(out)!r}: folder {str(probe)!r} is not writable")
+
+
+def step_seed(seed: int, k: int, stream: int = 0) -> int:
+    """A 64-bit seed hashed from (seed, stream, k) by SeedSequence, so nearby steps are unrelated.
+    Stream 0: the random draws of training step k; stream 1: the permutation of epoch k."""
+    return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0])
+
+
+class BatchOrder:
+    """Indices of batch k without hidden state: epochs are permutations keyed by (seed, epoch); a batch never
+    straddles two epochs (drop-last). A dataset smaller than the batch is sampled with replacement."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.b, self.seed = n, batch_size, seed
+        self.per_epoch = max(1, n // batch_size)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def indices(self, k: int) -> torch.Tensor:
+        epoch, j = divmod(k - 1, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
+            self._perm = (
+                torch.randperm(self.n, generator=g)
+                if self.n >= self.b
+                else torch.randint(0, self.n, (self.per_epoch * self.b,), generator=g)
+            )
+            self._epoch = epoch
+        return self._perm[j * self.b : (j + 1) * self.b]
+
+
+def _lr_at(cfg: TrainConfig, k: int) -> float:
+    # Linear warmup to the peak, then constant (Ho et al.): the LR at step k does not depend on --iters, so
+    # extending a run with --resume --iters N follows the same curve.
+    return cfg.lr * min(1.0, k / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, k: int) -> None:
+    # Ramp (1 + k) / (10 + k): early EMA weights follow the fast-changing model instead of its random init.
+    d = min(decay, (1.0 + k) / (10.0 + k))
+    ema_p = list(ema.parameters())
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
+
+
+def _model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
+    extra = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if ds.is_image:
+        c, h, w = ds.sample_shape
+        if h != w:
+            raise InvalidArgumentError(f"images must be square, got {h}x{w}; pass --image-size")
+        try:
+            return preset_config(cfg.model, in_channels=c, image_size=h, **extra)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"--model {cfg.model} with {cfg.data} ({c}x{h}x{w}): {e}") from None
+    if cfg.model != "mlp":
+        raise InvalidArgumentError(f"--model {cfg.model} is an image UNet; {cfg.data} holds vectors: use --model mlp")
+    if "dropout" in extra:
+        raise InvalidArgumentError("--dropout applies to UNet presets only")
+    return preset_config("mlp", dim=ds.sample_shape[0])
+
+
+def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError(f"--resume: no training state {str(path)!r} (run without --resume to start)")
+    try:
+        # weights_only=True: only tensors and plain containers are unpickled; no code can run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ArtifactError(f"{path}: corrupt training state ({type(e).__name__}: {str(e)[:120]})") from None
+    keys = {"version", "step", "model", "ema", "optimizer", "losses", "trajectory"}
+    if not isinstance(state, dict) or not keys <= set(state) or state["version"] != _STATE_VERSION:
+        raise ArtifactError(f"{path}: not a ddpm training state (version {_STATE_VERSION} with keys {sorted(keys)})")
+    saved, now = json.loads(state["trajectory"]), json.loads(json.dumps(cfg.trajectory()))
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise InvalidArgumentError(
+            f"--resume: option {k} = {now.get(k)!r} differs from the run's {saved.get(k)!r} ({path}); "
+            "resume with the run's options (see config.json)"
+        )
+    if state["step"] >= cfg.iters:
+        raise InvalidArgumentError(f"--resume: the run is already at step {state['step']}; pass --iters above it")
+    return state
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train a denoiser; returns the checkpoint path (``cfg.out / "model.safetensors"``).
+
+    ``on_step(k, loss)`` is called after each optimisation step (tests use it to interrupt a run).
+    """
+    cfg = cfg.resolved()
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Path:
+    out = Path(cfg.out)
+    _check_out_dir(out)
+    device = _device(cfg.device)
+    ds = load_dataset(cfg.data, image_size=cfg.image_size, flip=cfg.flip).to(device)
+    schedule = Schedule.create(cfg.schedule, cfg.timesteps)
+    model_cfg = _model_config(cfg, ds)
+    state = _load_state(out / STATE_NAME, cfg) if cfg.resume else None
+
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = build_model(model_cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[float] = []
+    start = 0
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{out / STATE_NAME}: does not fit this model ({str(e)[:120]})") from None
+        start, losses = int(state["step"]), [float(v) for v in state["losses"].tolist()]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(_jsonable(cfg), indent=2) + "\n")
+
+    meta = {"schedule": schedule.config, "prediction": str(Prediction.parse(cfg.prediction)),
+            "dataset": cfg.data, "ema_decay": cfg.ema_decay}
+    order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush, not per step)
+
+    def flush() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
+    def save(k: int) -> None:
+        flush()
+        save_checkpoint(out / CHECKPOINT_NAME, ema, {**meta, "step": k})
+        _save_previews(out, ema, schedule, cfg, ds, device, k)
+        write_loss_csv(out / "loss.csv", losses)
+        plot_loss(out / "loss.png", losses, title=f"{cfg.data}: training loss")
+        # The resume point goes last: it never refers to outputs that were not written.
+        blob = {"version": _STATE_VERSION, "step": k, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "losses": torch.tensor(losses, dtype=torch.float32),
+                "trajectory": json.dumps(cfg.trajectory())}
+        with atomic_path(out / STATE_NAME, what="training state") as tmp:
+            torch.save(blob, tmp)
+
+    model.train()
+    desc = f"{cfg.data} {cfg.model} ({count_params(model) / 1e6:.2f}M params, {device.type})"
+    with TrainProgress(desc, total=cfg.iters, start=start, enabled=cfg.progress) as bar:
+        for k in range(start + 1, cfg.iters + 1):
+            idx = order.indices(k)
+            torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps and dropout of this step
+            x0 = ds.batch(idx)
+            t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
+            eps = torch.randn_like(x0)
+            x_t = q_sample(schedule, x0, t, eps)
+            target = training_target(schedule, cfg.prediction, x0, t, eps)
+            with autocast:
+                pred = model(x_t, t)
+            loss = F.mse_loss(pred.float(), target)  # the loss in float32 even under bf16 autocast
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, k)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            _ema_update(ema, model, cfg.ema_decay, k)
+            pending.append(loss.detach())
+            if on_step is not None or len(pending) >= 25 or k == cfg.iters:
+                flush()
+                bar.update(k, losses[-1])
+            if on_step is not None:
+                on_step(k, losses[-1])
+            if k == cfg.iters or (cfg.save_every and k % cfg.save_every == 0):
+                save(k)
+    return out / CHECKPOINT_NAME
+
+
+def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device, k: int) -> None:
+    from ..runtime.images import save_samples_png
+
+    n = cfg.num_samples or (64 if ds.is_image else 1000)
+    x = reference_sample(ema, schedule, cfg.prediction, ds.sample_shape, n=n, steps=cfg.sample_steps,
+                         seed=cfg.seed, clip=1.0 if ds.is_image else None, device=device)
+    (out / "samples").mkdir(exist_ok=True)
+    title = f"{cfg.data} step {k} ({cfg.sample_steps} DDPM steps)"
+    save_samples_png(x, out / "samples" / f"step_{k:07d}.png", title=title)
+    save_samples_png(x, out / "samples.png", title=title)
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
