@@ -9,12 +9,12 @@ The relative error is normwise (divided by the largest reference magnitude, not 
 prediction has elements near zero whose elementwise ratio says nothing about the export. Tolerances on max_rel:
 
     fp32  1e-4   both sides compute in fp32 and differ only in summation order / kernel choice: float32's
-                 unit roundoff is 6e-8 and the worst case we measured over the presets is ~5e-6 (random
-                 weights, cifar10 UNet, 35.7M parameters), so 1e-4 has a 20x margin while a wrong operator,
+                 unit roundoff is 6e-8 and the worst case we measured over the presets (tiny .. the 35.7M
+                 cifar10 UNet, perturbed weights) is ~5e-6, so 1e-4 has a 20x margin, while a wrong operator,
                  a lost normalisation or a mis-fed timestep shows up at 1e-2..1.
     tf32  1e-2   TF32 rounds conv/matmul inputs to 10 mantissa bits (unit roundoff 4.9e-4), like fp16.
     fp16  1e-2   weights and activations rounded to fp16 (4.9e-4 per op) through ~30 conv layers; measured
-                 2e-3..3e-3 on the presets, so a 3-5x margin.
+                 1e-3..3e-3 on the presets (cifar10 the worst), a 3x margin.
     bf16  5e-2   bf16 has 8 mantissa bits (unit roundoff 3.9e-3), 8x coarser than fp16.
 """
 

@@ -228,9 +228,16 @@ def build_serialized_engine(
 
     cache_path = Path(timing_cache) if timing_cache is not None else None
     blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        log(f"timing cache {cache_path} does not match this GPU / TensorRT version; starting a fresh one")
+    try:
+        cache = config.create_timing_cache(blob)
+        reused = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception:  # noqa: BLE001 - a corrupt cache file must not stop the build: start a fresh one
+        reused = False
+    if not reused:
+        if blob:
+            log(
+                f"timing cache {cache_path} is unreadable or from another GPU / TensorRT version; starting afresh"
+            )
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     elif blob:

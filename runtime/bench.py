@@ -110,6 +110,35 @@ def _eager_model(engine: Path, meta: dict[str, Any], ckpt: Path | None, device: 
     return build_model(meta["model"]).to(device).eval(), "same architecture, random weights"
 
 
+FUSED_TABLE = "fused kernel (step table)"
+
+
+def _table_stepper(plan: Any, seed: int, x: torch.Tensor, m: torch.Tensor, out: torch.Tensor, dev: torch.device):
+    """The update as the sampling loops run it: a step table (row + Philox step index from the table's counter),
+    HostStepTable bound once on CPU, DeviceStepTable on CUDA. The counter runs down and wraps."""
+    from .kernels import DeviceStepTable, HostStepTable
+
+    steps = plan.steps
+    if dev.type == "cuda":
+        table = DeviceStepTable(plan.table, plan.clip, seed, 0, dev)
+
+        def run(k: int) -> torch.Tensor:
+            if k % steps == 0:
+                table.set_counter(steps - 1)
+            return table.step(x, m, out)
+
+        return run
+    table = HostStepTable(plan.table, plan.clip, seed)
+    bound = table.bind(x, m, out)
+
+    def run_cpu(k: int) -> torch.Tensor:
+        if k % steps == 0:
+            table.set_counter(steps - 1)
+        return bound()
+
+    return run_cpu
+
+
 def _row(stage: str, impl: str, t: Timing, floor_s: float | None, **extra: Any) -> dict[str, Any]:
     r = {"stage": stage, "impl": impl, **t.as_dict(), "floor_s": floor_s}
     r["x_floor"] = t.median / floor_s if floor_s else None
@@ -164,14 +193,17 @@ def _bench_one(cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, ra
                             repeats=cfg.repeats * 5)
         ref_upd = time_fn(lambda k: reference_step(plan.schedule, i, xs[k % 4], ms[k % 4], torch.randn_like(xs[k % 4]),
                                                    prediction=plan.prediction), device=dev, repeats=cfg.repeats * 5)
-        fused_upd = time_fn(lambda k: fused_step_raw(xs[k % 4], ms[k % 4], row32, plan.clip, cfg.seed, i, 0, out),
-                            device=dev, repeats=cfg.repeats * 5)
+        raw_upd = time_fn(lambda k: fused_step_raw(xs[k % 4], ms[k % 4], row32, plan.clip, cfg.seed, i, 0, out),
+                          device=dev, repeats=cfg.repeats * 5)
+        table_upd = time_fn(_table_stepper(plan, cfg.seed, xs[0], ms[0], out, dev), device=dev, repeats=cfg.repeats * 5)
         rows.append(_row("update", "eager seeds update (baseline)", eager_upd, upd_floor, speedup=1.0, baseline=True))
         rows.append(_row("update", "ddpm.step (torch reference)", ref_upd, upd_floor, speedup=eager_upd.median / ref_upd.median))
-        rows.append(_row("update", "fused kernel", fused_upd, upd_floor, speedup=eager_upd.median / fused_upd.median))
+        rows.append(_row("update", "fused kernel (fused_step_raw)", raw_upd, upd_floor,
+                         speedup=eager_upd.median / raw_upd.median))
+        rows.append(_row("update", FUSED_TABLE, table_upd, upd_floor, speedup=eager_upd.median / table_upd.median))
 
         # ---- loop: time k <= steps steps, scale to steps ----
-        per_step = max(eager_fwd.median + eager_upd.median, eng_fwd.median + fused_upd.median)
+        per_step = max(eager_fwd.median + eager_upd.median, eng_fwd.median + raw_upd.median)
         k = int(min(steps, max(2, cfg.loop_budget_s / per_step / 2)))
         kplan = plan if k == steps else SamplingPlan.create(meta, steps=k, seed=cfg.seed)
         scale = steps / k
@@ -237,7 +269,7 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for row in res["rows"]:
                 if row["stage"] != tg["stage"] or row.get("baseline"):
                     continue
-                if tg["stage"] == "update" and row["impl"] != "fused kernel":
+                if tg["stage"] == "update" and row["impl"] != FUSED_TABLE:
                     continue
                 if tg.get("cuda_graph") and not row.get("cuda_graph"):
                     continue

@@ -21,7 +21,10 @@ def build_facts() -> dict[str, str]:
         from ddpm import _C
 
         info = _C.build_info()
-        facts["_C"] = f"{info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'} ({info['max_threads']} threads)"
+        facts["_C"] = (
+            f"{info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'} ({info['max_threads']} threads), "
+            f"SIMD {info.get('simd', '?')}"
+        )
     except ImportError as e:
         facts["_C"] = f"not built ({e})"
     try:

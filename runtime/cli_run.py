@@ -114,9 +114,19 @@ def run_command(
         raise InvalidArgumentError(f"--batch must be >= 1, got {batch}")
     check_clip(clip)
 
-    with open_backend(engine, device=device, compile=compile, threads=threads, cuda_graph=cuda_graph) as backend:
-        plan = SamplingPlan.create(backend.meta, steps=steps, sampler=sampler, eta=eta, variance=variance,
-                                   clip=clip, seed=seed, kernel=kernel)
+    with open_backend(
+        engine, device=device, compile=compile, threads=threads, cuda_graph=cuda_graph
+    ) as backend:
+        plan = SamplingPlan.create(
+            backend.meta,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            variance=variance,
+            clip=clip,
+            seed=seed,
+            kernel=kernel,
+        )
         typer.echo(f"backend: {backend.name} on {backend.device} [{backend.description}]")
         typer.echo(
             f"model: {backend.meta['model']['arch']} {backend.meta['sample_shape']} trained on "
@@ -141,29 +151,61 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run_cmd(
-        engine: Annotated[Path, typer.Option(help="unet.onnx, unet.trt (+ .json sidecar) or a .safetensors checkpoint")],
+        engine: Annotated[
+            Path, typer.Option(help="unet.onnx, unet.trt (+ .json sidecar) or a .safetensors checkpoint")
+        ],
         steps: Annotated[int | None, typer.Option(help="sampling steps N <= T (respaced); default T")] = None,
         num_samples: Annotated[int, typer.Option(help="how many samples M")] = 64,
         batch: Annotated[int, typer.Option(help="samples per batch B (ceil(M/B) batches)")] = 64,
-        seed: Annotated[int, typer.Option(help="Philox seed: sample k is the same for any --batch/backend")] = 0,
+        seed: Annotated[
+            int, typer.Option(help="Philox seed: sample k is the same for any --batch/backend")
+        ] = 0,
         sampler: Annotated[str, typer.Option(help="ddpm | ddim")] = "ddpm",
         eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic, 1 = DDPM-like)")] = 0.0,
-        variance: Annotated[str, typer.Option(help="DDPM variance: fixed_small | fixed_large")] = "fixed_small",
-        clip: Annotated[float | None, typer.Option(help="clip predicted x0 to [-C, C] (default: no clipping)")] = None,
-        kernel: Annotated[str, typer.Option(help="fused (C++/CUDA kernel) | reference (plain torch step)")] = "fused",
+        variance: Annotated[
+            str, typer.Option(help="DDPM variance: fixed_small | fixed_large")
+        ] = "fixed_small",
+        clip: Annotated[
+            float | None, typer.Option(help="clip predicted x0 to [-C, C] (default: no clipping)")
+        ] = None,
+        kernel: Annotated[
+            str, typer.Option(help="fused (C++/CUDA kernel) | reference (plain torch step)")
+        ] = "fused",
         device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-        compile: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the model")] = False,
-        cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="GPU: replay one captured step")] = False,
-        threads: Annotated[int | None, typer.Option(help="CPU inference threads (default: all available)")] = None,
+        compile: Annotated[
+            bool, typer.Option("--compile", help="torch backend: torch.compile the model")
+        ] = False,
+        cuda_graph: Annotated[
+            bool, typer.Option("--cuda-graph", help="GPU: replay one captured step")
+        ] = False,
+        threads: Annotated[
+            int | None, typer.Option(help="CPU inference threads (default: all available)")
+        ] = None,
         out: Annotated[
             Path | None, typer.Option(help="PNG: image grid / 2-D scatter (default samples.png unless --npz)")
         ] = None,
-        npz: Annotated[Path | None, typer.Option(help="npz with arr_0: uint8 NHWC images / float32 [M, D]")] = None,
+        npz: Annotated[
+            Path | None, typer.Option(help="npz with arr_0: uint8 NHWC images / float32 [M, D]")
+        ] = None,
         progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
     ) -> None:
         """Sample with the fused step kernel: x_T from Philox, then M = backend(x, t), x = fused_step(...)."""
         run_command(
-            engine, steps=steps, num_samples=num_samples, batch=batch, seed=seed, sampler=sampler, eta=eta,
-            variance=variance, clip=clip, kernel=kernel, device=device, compile=compile, cuda_graph=cuda_graph,
-            threads=threads, out=out, npz=npz, progress=progress and sys.stderr is not None,
+            engine,
+            steps=steps,
+            num_samples=num_samples,
+            batch=batch,
+            seed=seed,
+            sampler=sampler,
+            eta=eta,
+            variance=variance,
+            clip=clip,
+            kernel=kernel,
+            device=device,
+            compile=compile,
+            cuda_graph=cuda_graph,
+            threads=threads,
+            out=out,
+            npz=npz,
+            progress=progress and sys.stderr is not None,
         )

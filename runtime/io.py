@@ -35,6 +35,10 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
     final = check_writable(path, what=what)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would (0666 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

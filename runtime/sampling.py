@@ -41,7 +41,12 @@ StepCallback = Callable[[int], None]
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
         raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}")
     return int(value)
@@ -191,8 +196,12 @@ def sample_batch(
         if plan.kernel == "fused":
             fused_step_raw(x, m, plan.rows32[i], plan.clip, plan.seed, i, sample_offset, out=x)  # in place
         else:
-            sigma = plan.table[i, COEF_SIGMA]
-            z = normal(plan.seed, shape, step=i, stream=STREAM_STEP, sample_offset=sample_offset, device=dev) if sigma else None
+            sigma = plan.rows32[i][COEF_SIGMA]  # the float32 value the kernels and ddpm.step use
+            z = (
+                normal(plan.seed, shape, step=i, stream=STREAM_STEP, sample_offset=sample_offset, device=dev)
+                if sigma != 0.0
+                else None
+            )
             x = _reference_step(plan, i, x, m, z)
         if i in checks:
             watch.check(x, i)
@@ -205,8 +214,18 @@ def sample_batch(
 def _reference_step(plan: SamplingPlan, i: int, x: torch.Tensor, m: torch.Tensor, z: torch.Tensor | None):
     from .step import step
 
-    return step(plan.schedule, i, x, m, z, prediction=plan.prediction, sampler=plan.sampler,
-                variance=plan.variance, eta=plan.eta, clip=plan.clip_or_none)
+    return step(
+        plan.schedule,
+        i,
+        x,
+        m,
+        z,
+        prediction=plan.prediction,
+        sampler=plan.sampler,
+        variance=plan.variance,
+        eta=plan.eta,
+        clip=plan.clip_or_none,
+    )
 
 
 @dataclass
@@ -254,7 +273,9 @@ def run_batches(
         if dev.type != "cuda":
             raise InvalidArgumentError(f"--cuda-graph needs a CUDA device; this run is on {dev}")
         if plan.kernel != "fused":
-            raise InvalidArgumentError("--cuda-graph records the fused kernel; it cannot be combined with --kernel reference")
+            raise InvalidArgumentError(
+                "--cuda-graph records the fused kernel; it cannot be combined with --kernel reference"
+            )
     if graph_loop:
         from .sampling_graph import sample_batch_graph
     outs = []
@@ -262,7 +283,7 @@ def run_batches(
     if dev.type == "cuda" and stream is None:
         stream = torch.cuda.current_stream(dev)
     start = time.perf_counter()
-    with torch.no_grad(), (torch.cuda.stream(stream) if dev.type == "cuda" else contextlib.nullcontext()):
+    with torch.no_grad(), torch.cuda.stream(stream) if dev.type == "cuda" else contextlib.nullcontext():
         for offset in range(0, num_samples, batch):
             n = min(batch, num_samples - offset)
             if graph_loop:
@@ -316,8 +337,16 @@ def sample(
     _check_int("batch", batch, 1)
     check_clip(clip)
     with _open(engine, device=device, compile=compile, threads=threads, cuda_graph=cuda_graph) as backend:
-        plan = SamplingPlan.create(backend.meta, steps=steps, sampler=sampler, eta=eta, variance=variance,
-                                   clip=clip, seed=seed, kernel=kernel)
+        plan = SamplingPlan.create(
+            backend.meta,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            variance=variance,
+            clip=clip,
+            seed=seed,
+            kernel=kernel,
+        )
         return run_batches(backend, plan, num_samples, batch, cuda_graph=cuda_graph).samples
 
 

@@ -40,7 +40,9 @@ def sample_batch_graph(
 
     dev = backend.device
     if dev.type != "cuda" or not getattr(backend, "capturable", False):
-        raise InvalidArgumentError(f"CUDA-graph sampling needs a capturable backend on a CUDA device, got {backend.name} on {dev}")
+        raise InvalidArgumentError(
+            f"CUDA-graph sampling needs a capturable backend on a CUDA device, got {backend.name} on {dev}"
+        )
     steps = plan.steps
     x = initial_noise(plan.seed, (n, *plan.sample_shape), sample_offset=sample_offset, device=dev)
     timesteps = torch.from_numpy(plan.schedule.timesteps.copy()).to(dev)

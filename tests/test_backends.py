@@ -11,14 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
+from _runtime_models import shared_artifacts
 from ddpm.runtime.backends import default_cpu_threads, open_backend, resolve_device
 from ddpm.runtime.backends.onnx_backend import OnnxRuntimeBackend
 from ddpm.runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from ddpm.runtime.backends.torch_backend import TorchBackend
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
-
-from _runtime_models import shared_artifacts
 
 # torch (oneDNN/MKL) and onnxruntime (MLAS) sum the same products in different orders; the measured worst relative
 # error (L2 over the batch, 5 fresh models x batch 1/5/64) was 4e-7 (MLP) and 1.2e-6 (UNet): 1e-5 leaves room for
@@ -156,8 +154,15 @@ def _fake_engine(tmp_path, art, **overrides):
     meta = read_metadata(art["unet"][1])
     engine = tmp_path / "unet.trt"
     engine.write_bytes(b"not really an engine")
-    side = {**meta, "tensorrt_version": "10.9.0", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
-            "precision": "fp32", "profile": {"min": 1, "opt": 8, "max": 64}, **overrides}
+    side = {
+        **meta,
+        "tensorrt_version": "10.9.0",
+        "gpu_name": "NVIDIA H100",
+        "compute_capability": "9.0",
+        "precision": "fp32",
+        "profile": {"min": 1, "opt": 8, "max": 64},
+        **overrides,
+    }
     sidecar_path(engine).write_text(json.dumps(side))
     return engine
 
@@ -186,5 +191,7 @@ def test_tensorrt_missing_package_has_install_hint():
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    with pytest.raises(MissingDependencyError, match=r"needs the tensorrt package.*pip install 'ddpm\[trt\]'"):
+    with pytest.raises(
+        MissingDependencyError, match=r"needs the tensorrt package.*pip install 'ddpm\[trt\]'"
+    ):
         import_tensorrt()

@@ -106,7 +106,7 @@ def test_metadata_inconsistent_with_weights(tmp_path, torch_gen):
 
     def widen(header):
         model = json.loads(header["__metadata__"]["model"])
-        model["hidden"] = 128
+        model["hidden"] = 2 * model["hidden"]
         header["__metadata__"]["model"] = json.dumps(model)
 
     _rewrite_header(good, tmp_path / "wide.safetensors", widen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,6 @@ def test_bad_input_one_line_exit_2(args, match, capsys):
 
 
 def test_console_script_exit_code(tmp_path):
-    exe = sys.executable.replace("python", "ddpm")
+    exe = str(Path(sys.executable).with_name("ddpm"))
     r = subprocess.run([exe, "schedule", "--steps", "5000"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "steps must be in" in r.stderr

@@ -9,10 +9,9 @@ import struct
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
 from ddpm.trainer.data import load_dataset, swissroll
+from PIL import Image
 
 
 def _idx_bytes(images: np.ndarray) -> bytes:
@@ -130,7 +129,12 @@ def test_flip_mirrors_about_half_the_batch():
 @pytest.mark.parametrize(
     "spec, kwargs, exc, match",
     [
-        ("imagenet", {}, InvalidArgumentError, r"unknown dataset 'imagenet'; allowed: swissroll, digits, mnist:DIR"),
+        (
+            "imagenet",
+            {},
+            InvalidArgumentError,
+            r"unknown dataset 'imagenet'; allowed: swissroll, digits, mnist:DIR",
+        ),
         ("mnist", {}, InvalidArgumentError, r"dataset 'mnist' needs a folder: --data mnist:DIR"),
         ("digits:/x", {}, InvalidArgumentError, r"takes no folder"),
         ("swissroll", {"image_size": 8}, InvalidArgumentError, r"--image-size does not apply to swissroll"),

@@ -14,12 +14,10 @@ import math
 
 import pytest
 import torch
-
+from _runtime_models import shared_artifacts
 from ddpm.runtime.backends import open_backend
 from ddpm.runtime.errors import SamplingError
 from ddpm.runtime.sampling import sample
-
-from _runtime_models import shared_artifacts
 
 GPU_VS_CPU_RTOL = 1e-2
 GRAPH_VS_EAGER_RTOL = 1e-4

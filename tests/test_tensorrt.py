@@ -153,6 +153,32 @@ def test_sidecar_written_and_read_back(tmp_path):
     check_engine_compat(meta, trt_version="10.11.0", gpu_name="NVIDIA A100", compute_capability=(8, 0))
 
 
+def test_info_on_engine_and_sidecar(tmp_path, capsys):
+    """`ddpm info` reads an engine's sidecar without TensorRT, and checks the engine bytes against it."""
+    engine = np.random.default_rng().bytes(2048)  # stand-in bytes: info never deserialises the engine
+    path = tmp_path / "u.trt"
+    path.write_bytes(engine)
+    side = make_sidecar(
+        _meta(), engine=engine, trt_version="10.9.0.34", gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0", precision="fp16", profile=BatchProfile(1, 64, 256),
+    )  # fmt: skip
+    sidecar_path(path).write_text(json.dumps(side, indent=2))
+    assert main(["info", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert (
+        "profile.opt" in table
+        and "64" in table
+        and "tensorrt_version" in table
+        and "engine_verified" in table
+    )
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["profile"]["max"] == 256
+    path.write_bytes(engine[:1000])
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "engine is 1000 bytes but its sidecar records 2048" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
     import torch
     from ddpm.runtime.schedule import Schedule as S

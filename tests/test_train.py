@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from ddpm.runtime.cli import main
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
 from ddpm.runtime.schedule import Schedule
@@ -19,6 +17,7 @@ from ddpm.trainer.data import load_dataset
 from ddpm.trainer.models import build_model, preset_config
 from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
+from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +30,16 @@ def _one_thread():
 
 
 def _cfg(tmp_path, data="swissroll", **kw):
-    base = {"iters": 12, "batch_size": 32, "save_every": 0, "sample_steps": 4, "num_samples": 16,
-            "warmup": 5, "progress": False, "seed": 3}
+    base = {
+        "iters": 12,
+        "batch_size": 32,
+        "save_every": 0,
+        "sample_steps": 4,
+        "num_samples": 16,
+        "warmup": 5,
+        "progress": False,
+        "seed": 3,
+    }
     if data == "digits":
         base["dropout"] = 0.1  # exercise dropout's randomness in the reproducibility tests
     return TrainConfig(data=data, out=tmp_path / "run", **{**base, **kw})
@@ -73,7 +80,9 @@ def test_run_outputs(tmp_path):
     assert meta["schedule"] == Schedule.cosine(100).config and meta["sample_shape"] == [2]
     assert meta["ema_decay"] == 0.995 and meta["model"]["arch"] == "mlp"
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "step_0000004.png", "step_0000008.png", "step_0000010.png",
+        "step_0000004.png",
+        "step_0000008.png",
+        "step_0000010.png",
     ]
     for name in ("samples.png", "loss.png"):
         assert (run / name).read_bytes()[:4] == b"\x89PNG"
@@ -120,7 +129,9 @@ def test_resume_continues_exactly(tmp_path, data):
 
 def test_resume_refuses_mismatch_and_corruption(tmp_path):
     train(_cfg(tmp_path, iters=4))
-    with pytest.raises(InvalidArgumentError, match=r"--resume: option lr = 0\.5 differs from the run's 0\.001"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"--resume: option lr = 0\.5 differs from the run's 0\.001"
+    ):
         train(_cfg(tmp_path, iters=8, lr=0.5, resume=True))
     with pytest.raises(InvalidArgumentError, match="already at step 4; pass --iters above it"):
         train(_cfg(tmp_path, iters=4, resume=True))
@@ -136,8 +147,22 @@ def test_resume_refuses_mismatch_and_corruption(tmp_path):
 
 def test_cli_train_smoke(tmp_path, capsys):
     out = tmp_path / "r"
-    args = ["train", "--data", "swissroll", "--out", str(out), "--iters", "3", "--batch-size", "16",
-            "--sample-steps", "3", "--quiet", "--threads", "1"]
+    args = [
+        "train",
+        "--data",
+        "swissroll",
+        "--out",
+        str(out),
+        "--iters",
+        "3",
+        "--batch-size",
+        "16",
+        "--sample-steps",
+        "3",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"checkpoint: {out / 'model.safetensors'}" in printed and "samples.png" in printed
@@ -158,13 +183,18 @@ def _folder_of_images(path, n=2, size=12):
     [
         (["--data", "imagenet"], r"unknown dataset 'imagenet'; allowed: swissroll, digits"),
         (["--data", "folder:EMPTY"], r"folder: no PNG/JPEG images .* found under"),
-        (["--data", "folder:IMAGES", "--image-size", "30", "--model", "cifar10"],
-         r"--model cifar10 with folder:.* \(3x30x30\): image size 30 is not divisible by 8"),
+        (
+            ["--data", "folder:IMAGES", "--image-size", "30", "--model", "cifar10"],
+            r"--model cifar10 with folder:.* \(3x30x30\): image size 30 is not divisible by 8",
+        ),
         (["--data", "digits", "--iters", "-5"], r"--iters must be an integer >= 1, got -5"),
         (["--data", "digits", "--save-every", "-1"], r"--save-every must be an integer >= 0, got -1"),
         (["--data", "digits", "--sample-steps", "0"], r"--sample-steps must be >= 1"),
         (["--data", "digits", "--prediction", "score"], r"unknown prediction 'score'; allowed: eps, x0, v"),
-        (["--data", "swissroll", "--model", "tiny"], r"--model tiny is an image UNet; swissroll holds vectors"),
+        (
+            ["--data", "swissroll", "--model", "tiny"],
+            r"--model tiny is an image UNet; swissroll holds vectors",
+        ),
         (["--data", "digits", "--resume"], r"--resume: no training state"),
         (["--data", "digits", "--device", "tpu"], r"--device must be auto, cpu or cuda"),
     ],
@@ -172,7 +202,9 @@ def _folder_of_images(path, n=2, size=12):
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, match):
     (tmp_path / "EMPTY").mkdir()
     _folder_of_images(tmp_path / "IMAGES")
-    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("IMAGES", str(tmp_path / "IMAGES")) for a in args]
+    args = [
+        a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("IMAGES", str(tmp_path / "IMAGES")) for a in args
+    ]
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--quiet", "--threads", "1", *args]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,9 @@ __all__ = ["register"]
 def train_cmd(
     data: Annotated[str, typer.Option(help="swissroll | digits | mnist:DIR | cifar10:DIR | folder:DIR")],
     out: Annotated[Path, typer.Option(help="run directory; the checkpoint is OUT/model.safetensors")],
-    model: Annotated[str | None, typer.Option(help="preset: tiny | mnist | cifar10 | mlp [per dataset]")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="preset: tiny | mnist | cifar10 | mlp [per dataset]")
+    ] = None,
     iters: Annotated[int | None, typer.Option(help="total training steps [per dataset]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch size [per dataset]")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate [per dataset]")] = None,
@@ -21,15 +23,27 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
     grad_clip: Annotated[float, typer.Option(help="clip the gradient norm to this")] = 1.0,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay of the weights [per dataset]")] = None,
-    image_size: Annotated[int | None, typer.Option(help="resize images to SxS (folder: centre-crop; default 32)")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="resize images to SxS (folder: centre-crop; default 32)")
+    ] = None,
     timesteps: Annotated[int, typer.Option(help="T, diffusion steps of the training schedule")] = 1000,
     schedule: Annotated[str, typer.Option(help="linear | cosine")] = "linear",
     prediction: Annotated[str, typer.Option(help="what the network predicts: eps | x0 | v")] = "eps",
     dropout: Annotated[float | None, typer.Option(help="override the preset's dropout")] = None,
-    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="random horizontal flips [on for cifar10/folder]")] = None,
-    save_every: Annotated[int, typer.Option(help="also save checkpoint, samples and loss every N steps (0: at the end)")] = 0,
+    flip: Annotated[
+        bool | None, typer.Option("--flip/--no-flip", help="random horizontal flips [on for cifar10/folder]")
+    ] = None,
+    save_every: Annotated[
+        int, typer.Option(help="also save checkpoint, samples and loss every N steps (0: at the end)")
+    ] = 0,
     sample_steps: Annotated[int, typer.Option(help="respaced DDPM steps of the preview sample grid")] = 50,
-    seed: Annotated[int, typer.Option(help="seed of weights, batches and noise (CPU runs are reproducible)")] = 0,
+    num_samples: Annotated[
+        int | None,
+        typer.Option(help="preview samples: images in the grid [64] or points in the scatter [1000]"),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="seed of weights, batches and noise (CPU runs are reproducible)")
+    ] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (bf16 autocast on cuda)")] = "auto",
     resume: Annotated[bool, typer.Option(help="continue exactly from OUT/train_state.pt")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's default]")] = None,
@@ -39,10 +53,29 @@ def train_cmd(
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
-        data=data, out=out, model=model, iters=iters, batch_size=batch_size, lr=lr, warmup=warmup,
-        weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, image_size=image_size,
-        timesteps=timesteps, schedule=schedule, prediction=prediction, dropout=dropout, flip=flip,
-        save_every=save_every, sample_steps=sample_steps, seed=seed, device=device, threads=threads, resume=resume,
+        data=data,
+        out=out,
+        model=model,
+        iters=iters,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        image_size=image_size,
+        timesteps=timesteps,
+        schedule=schedule,
+        prediction=prediction,
+        dropout=dropout,
+        flip=flip,
+        save_every=save_every,
+        num_samples=num_samples,
+        sample_steps=sample_steps,
+        seed=seed,
+        device=device,
+        threads=threads,
+        resume=resume,
         progress=not quiet,
     )
     ckpt = train(cfg)

@@ -83,7 +83,9 @@ def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False
         raise InvalidArgumentError(f"dataset {kind!r} needs a folder: --data {kind}:DIR")
     if kind not in _NEEDS_DIR and folder:
         raise InvalidArgumentError(f"dataset {kind!r} takes no folder (got {spec!r}); allowed: {_ALLOWED}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise InvalidArgumentError(f"--image-size must be a positive integer, got {image_size!r}")
     if kind == "swissroll":
         if image_size is not None:
@@ -163,14 +165,18 @@ def _cifar10(folder: Path) -> torch.Tensor:
     layout = "data_batch_1.bin .. data_batch_5.bin (the CIFAR-10 *binary* version, 3073-byte records)"
     if not folder.is_dir():
         raise ArtifactError(f"cifar10: folder {str(folder)!r} does not exist (expected {layout})")
-    files = sorted(folder.glob("data_batch_*.bin")) or sorted(folder.glob("cifar-10-batches-bin/data_batch_*.bin"))
+    files = sorted(folder.glob("data_batch_*.bin")) or sorted(
+        folder.glob("cifar-10-batches-bin/data_batch_*.bin")
+    )
     if not files:
         raise ArtifactError(f"cifar10: no {layout} in {str(folder)!r}")
     parts = []
     for f in files:
         raw = _read_maybe_gz(f)
         if not raw or len(raw) % 3073:
-            raise ArtifactError(f"{f}: size {len(raw)} is not a multiple of 3073 bytes (1 label + 3x32x32 pixels)")
+            raise ArtifactError(
+                f"{f}: size {len(raw)} is not a multiple of 3073 bytes (1 label + 3x32x32 pixels)"
+            )
         # Each record: one label byte, then the red, green and blue 32x32 planes, row-major.
         parts.append(np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32))
     return torch.from_numpy(np.concatenate(parts))
@@ -211,6 +217,8 @@ def _resize(data: torch.Tensor, size: int) -> torch.Tensor:
     antialiased when shrinking); chunked so a 50k-image set never needs a full float32 copy."""
     out = []
     for chunk in data.split(4096):
-        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out.append(x.round().clamp(0, 255).to(torch.uint8) if data.dtype == torch.uint8 else x)
     return torch.cat(out)

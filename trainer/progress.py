@@ -7,7 +7,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -17,29 +16,32 @@ __all__ = ["TrainProgress"]
 
 
 class TrainProgress:
-    """Context manager; ``update(step, loss)`` moves the bar to ``step``. Does nothing when disabled."""
+    """Context manager: prints ``description`` once, then a bar; ``update(step, loss)`` moves it to ``step``.
+    Does nothing when disabled."""
 
     def __init__(self, description: str, *, total: int, start: int = 0, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._last = start
         if not enabled:
             return
+        self._console = Console(stderr=True)
+        self._header = description
+        # Short columns: the bar must fit an 80-column log (CI, pipes), where rich cannot ask the terminal.
         self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
+            TextColumn("train"),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
-            TaskProgressColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[rate]} it/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=self._console,
         )
-        self._task = self._progress.add_task(description, total=total, completed=start, loss="-", rate="-")
+        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", rate="-")
 
     def __enter__(self) -> TrainProgress:
         if self.enabled:
+            self._console.print(self._header, highlight=False)
             self._progress.start()
         return self
 
@@ -54,4 +56,3 @@ class TrainProgress:
         speed = self._progress.tasks[0].speed  # rich's moving-window estimate of steps per second
         if speed:
             self._progress.update(self._task, rate=f"{speed:.1f}")
-        self._last = step

@@ -48,7 +48,7 @@ _STATE_VERSION = 1
 # digits are sized to train in minutes on a 2-core CPU (see tests/test_train_quality.py).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "swissroll": {"model": "mlp", "iters": 4000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
-    "digits": {"model": "tiny", "iters": 2000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.995},
+    "digits": {"model": "tiny", "iters": 1500, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.995},
     "mnist": {"model": "mnist", "iters": 30000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
     "cifar10": {"model": "cifar10", "iters": 800000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
     "folder": {"model": "cifar10", "iters": 100000, "batch_size": 64, "lr": 2e-4, "ema_decay": 0.9999},
@@ -102,8 +102,17 @@ class TrainConfig:
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that determine the loss trajectory; a resumed run must match them."""
-        skip = {"out", "iters", "save_every", "sample_steps", "num_samples", "device", "threads", "resume",
-                "progress"}
+        skip = {
+            "out",
+            "iters",
+            "save_every",
+            "sample_steps",
+            "num_samples",
+            "device",
+            "threads",
+            "resume",
+            "progress",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -116,20 +125,33 @@ def _validate(c: TrainConfig) -> None:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
     need(is_int(c.iters) and c.iters >= 1, f"--iters must be an integer >= 1, got {c.iters!r}")
-    need(is_int(c.batch_size) and c.batch_size >= 1, f"--batch-size must be an integer >= 1, got {c.batch_size!r}")
+    need(
+        is_int(c.batch_size) and c.batch_size >= 1,
+        f"--batch-size must be an integer >= 1, got {c.batch_size!r}",
+    )
     need(math.isfinite(c.lr) and c.lr > 0, f"--lr must be a positive number, got {c.lr!r}")
     need(is_int(c.warmup) and c.warmup >= 0, f"--warmup must be an integer >= 0, got {c.warmup!r}")
     need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}")
     need(c.grad_clip > 0, f"--grad-clip must be > 0, got {c.grad_clip!r}")
     need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {c.ema_decay!r}")
-    need(is_int(c.save_every) and c.save_every >= 0, f"--save-every must be an integer >= 0, got {c.save_every!r}")
-    need(is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}")
-    need(c.num_samples is None or (is_int(c.num_samples) and c.num_samples >= 1),
-         f"--num-samples must be >= 1, got {c.num_samples!r}")
+    need(
+        is_int(c.save_every) and c.save_every >= 0,
+        f"--save-every must be an integer >= 0, got {c.save_every!r}",
+    )
+    need(
+        is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}"
+    )
+    need(
+        c.num_samples is None or (is_int(c.num_samples) and c.num_samples >= 1),
+        f"--num-samples must be >= 1, got {c.num_samples!r}",
+    )
     need(c.sample_steps <= c.timesteps, f"--sample-steps {c.sample_steps} exceeds --timesteps {c.timesteps}")
     need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in 0..2^63-1, got {c.seed!r}")
     need(c.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {c.device!r}")
-    need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
+    need(
+        c.threads is None or (is_int(c.threads) and c.threads >= 1),
+        f"--threads must be >= 1, got {c.threads!r}",
+    )
     Prediction.parse(c.prediction)
     if c.schedule not in ("linear", "cosine"):
         raise InvalidArgumentError(f"unknown schedule kind {c.schedule!r}; allowed: linear, cosine")
@@ -209,7 +231,9 @@ def _model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"--model {cfg.model} with {cfg.data} ({c}x{h}x{w}): {e}") from None
     if cfg.model != "mlp":
-        raise InvalidArgumentError(f"--model {cfg.model} is an image UNet; {cfg.data} holds vectors: use --model mlp")
+        raise InvalidArgumentError(
+            f"--model {cfg.model} is an image UNet; {cfg.data} holds vectors: use --model mlp"
+        )
     if "dropout" in extra:
         raise InvalidArgumentError("--dropout applies to UNet presets only")
     return preset_config("mlp", dim=ds.sample_shape[0])
@@ -225,7 +249,9 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise ArtifactError(f"{path}: corrupt training state ({type(e).__name__}: {str(e)[:120]})") from None
     keys = {"version", "step", "model", "ema", "optimizer", "losses", "trajectory"}
     if not isinstance(state, dict) or not keys <= set(state) or state["version"] != _STATE_VERSION:
-        raise ArtifactError(f"{path}: not a ddpm training state (version {_STATE_VERSION} with keys {sorted(keys)})")
+        raise ArtifactError(
+            f"{path}: not a ddpm training state (version {_STATE_VERSION} with keys {sorted(keys)})"
+        )
     saved, now = json.loads(state["trajectory"]), json.loads(json.dumps(cfg.trajectory()))
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
@@ -235,7 +261,9 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
             "resume with the run's options (see config.json)"
         )
     if state["step"] >= cfg.iters:
-        raise InvalidArgumentError(f"--resume: the run is already at step {state['step']}; pass --iters above it")
+        raise InvalidArgumentError(
+            f"--resume: the run is already at step {state['step']}; pass --iters above it"
+        )
     return state
 
 
@@ -280,8 +308,12 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(_jsonable(cfg), indent=2) + "\n")
 
-    meta = {"schedule": schedule.config, "prediction": str(Prediction.parse(cfg.prediction)),
-            "dataset": cfg.data, "ema_decay": cfg.ema_decay}
+    meta = {
+        "schedule": schedule.config,
+        "prediction": str(Prediction.parse(cfg.prediction)),
+        "dataset": cfg.data,
+        "ema_decay": cfg.ema_decay,
+    }
     order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush, not per step)
@@ -298,14 +330,23 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
         write_loss_csv(out / "loss.csv", losses)
         plot_loss(out / "loss.png", losses, title=f"{cfg.data}: training loss")
         # The resume point goes last: it never refers to outputs that were not written.
-        blob = {"version": _STATE_VERSION, "step": k, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "losses": torch.tensor(losses, dtype=torch.float32),
-                "trajectory": json.dumps(cfg.trajectory())}
+        blob = {
+            "version": _STATE_VERSION,
+            "step": k,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "losses": torch.tensor(losses, dtype=torch.float32),
+            "trajectory": json.dumps(cfg.trajectory()),
+        }
         with atomic_path(out / STATE_NAME, what="training state") as tmp:
             torch.save(blob, tmp)
 
     model.train()
-    desc = f"{cfg.data} {cfg.model} ({count_params(model) / 1e6:.2f}M params, {device.type})"
+    desc = (
+        f"{cfg.data}: preset {cfg.model}, {count_params(model) / 1e6:.2f}M params, {device.type}, "
+        f"steps {start + 1}..{cfg.iters}, batch {cfg.batch_size}, lr {cfg.lr:g}"
+    )
     with TrainProgress(desc, total=cfg.iters, start=start, enabled=cfg.progress) as bar:
         for k in range(start + 1, cfg.iters + 1):
             idx = order.indices(k)
@@ -340,8 +381,17 @@ def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dat
     from ..runtime.images import save_samples_png
 
     n = cfg.num_samples or (64 if ds.is_image else 1000)
-    x = reference_sample(ema, schedule, cfg.prediction, ds.sample_shape, n=n, steps=cfg.sample_steps,
-                         seed=cfg.seed, clip=1.0 if ds.is_image else None, device=device)
+    x = reference_sample(
+        ema,
+        schedule,
+        cfg.prediction,
+        ds.sample_shape,
+        n=n,
+        steps=cfg.sample_steps,
+        seed=cfg.seed,
+        clip=1.0 if ds.is_image else None,
+        device=device,
+    )
     (out / "samples").mkdir(exist_ok=True)
     title = f"{cfg.data} step {k} ({cfg.sample_steps} DDPM steps)"
     save_samples_png(x, out / "samples" / f"step_{k:07d}.png", title=title)

@@ -126,10 +126,14 @@ def open_backend(
         raise InvalidArgumentError(f"threads must be an integer >= 1, got {threads!r}")
     kind = _artifact_kind(path)
     if kind not in BACKEND_FOR_KIND:
-        raise ArtifactError(f"{path}: artifact kind {kind!r} has no backend; allowed: {', '.join(BACKEND_FOR_KIND)}")
+        raise ArtifactError(
+            f"{path}: artifact kind {kind!r} has no backend; allowed: {', '.join(BACKEND_FOR_KIND)}"
+        )
     dev = resolve_device(device)
     if compile and kind != "checkpoint":
-        raise InvalidArgumentError(f"--compile applies to the torch backend (a checkpoint); {path.name} is {kind}")
+        raise InvalidArgumentError(
+            f"--compile applies to the torch backend (a checkpoint); {path.name} is {kind}"
+        )
     if kind == "checkpoint":
         from .torch_backend import TorchBackend
 

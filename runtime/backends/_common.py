@@ -20,7 +20,9 @@ def check_call(x: torch.Tensor, t: torch.Tensor, sample_shape: Sequence[int], de
     if t.dim() != 1 or t.shape[0] != x.shape[0] or t.dtype != torch.int64:
         raise InvalidArgumentError(f"t must be int64 of shape [{x.shape[0]}], got {t.dtype} {list(t.shape)}")
     if not (same_device(x.device, device) and same_device(t.device, device)):
-        raise InvalidArgumentError(f"x and t must be on the backend's device {device}, got {x.device} and {t.device}")
+        raise InvalidArgumentError(
+            f"x and t must be on the backend's device {device}, got {x.device} and {t.device}"
+        )
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

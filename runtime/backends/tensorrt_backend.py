@@ -32,10 +32,14 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError as e:
-        raise MissingDependencyError(f"the tensorrt backend needs the tensorrt package ({e}); {INSTALL_HINT}") from None
+        raise MissingDependencyError(
+            f"the tensorrt backend needs the tensorrt package ({e}); {INSTALL_HINT}"
+        ) from None
     major = int(str(tensorrt.__version__).split(".")[0])
     if major < 10:
-        raise MissingDependencyError(f"tensorrt {tensorrt.__version__} is too old (need >= 10); {INSTALL_HINT}")
+        raise MissingDependencyError(
+            f"tensorrt {tensorrt.__version__} is too old (need >= 10); {INSTALL_HINT}"
+        )
     return tensorrt
 
 
@@ -81,7 +85,9 @@ class TensorRTBackend:
             self._runtime = trt.Runtime(self._logger)
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise ArtifactError(f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine")
+                raise ArtifactError(
+                    f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine"
+                )
             self.context = self.engine.create_execution_context()
         self._find_io()
         self._n: int | None = None
@@ -100,10 +106,16 @@ class TensorRTBackend:
         xs = [n for n in ins if len(eng.get_tensor_shape(n)) == rank]
         ts = [n for n in ins if n not in xs and len(eng.get_tensor_shape(n)) == 1]
         if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
-            raise ArtifactError(f"{self.path}: expected inputs x [N, ...] and t [N] and one output, got {names}")
+            raise ArtifactError(
+                f"{self.path}: expected inputs x [N, ...] and t [N] and one output, got {names}"
+            )
         self.x_name, self.t_name, self.out_name = xs[0], ts[0], outs[0]
-        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                  trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
+        dtypes = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.INT32: torch.int32,
+            trt.DataType.INT64: torch.int64,
+        }
         try:
             self.x_dtype = dtypes[eng.get_tensor_dtype(self.x_name)]
             self.t_dtype = dtypes[eng.get_tensor_dtype(self.t_name)]
@@ -138,7 +150,9 @@ class TensorRTBackend:
         self.context.set_tensor_address(self.x_name, xin.data_ptr())
         self.context.set_tensor_address(self.t_name, tin.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise SamplingError(f"{self.path.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            raise SamplingError(
+                f"{self.path.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)"
+            )
         out = self._out
         return out if out.dtype == torch.float32 else out.float()
 

@@ -52,14 +52,21 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, device: torch.device, *, compile: bool = False, threads: int | None = None
+        cls,
+        path: str | os.PathLike,
+        device: torch.device,
+        *,
+        compile: bool = False,
+        threads: int | None = None,
     ) -> TorchBackend:
         """Load a safetensors checkpoint (no code runs while loading) with its metadata."""
         # Lazy: runtime depends on nothing of ours but ddpm._C; only this backend needs the trainer's models.
         try:
             from ddpm.trainer.checkpoint import load_model
         except ImportError as e:  # pragma: no cover - the trainer ships with the package
-            raise ArtifactError(f"{path}: the torch backend needs ddpm.trainer to rebuild the model ({e})") from None
+            raise ArtifactError(
+                f"{path}: the torch backend needs ddpm.trainer to rebuild the model ({e})"
+            ) from None
         model, meta = load_model(path, device=device)
         return cls(model, meta, device, compile=compile, source=os.fspath(path), threads=threads)
 
