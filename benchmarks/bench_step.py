@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from ddpm import Schedule
 from ddpm.runtime.build_facts import build_facts
 from ddpm.runtime.extension import cpu_extension, cuda_extension
 from ddpm.runtime.io import write_text_atomic
 from ddpm.runtime.kernels import DeviceStepTable, HostStepTable, fused_step_raw
 from ddpm.runtime.step import step_coefficients
-
-from ddpm import Schedule
 
 SIZES = [(1, 1, 28, 28), (64, 1, 28, 28), (64, 3, 32, 32), (256, 3, 32, 32)]
 SEED, CLIP = 1234, 1.0

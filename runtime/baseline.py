@@ -35,13 +35,15 @@ def eager_update(sched: SeedScheduler, i: int, x: torch.Tensor, eps: torch.Tenso
     alpha_t = sched.alphas[i]
     alpha_t_bar = sched.alphas_cumprod[i]
     noise = torch.randn_like(x) if i > 0 else torch.zeros_like(x)
-    return (1 / torch.sqrt(alpha_t)) * (x - ((1 - alpha_t) / (torch.sqrt(1 - alpha_t_bar))) * eps) + torch.sqrt(
-        beta_t
-    ) * noise
+    return (1 / torch.sqrt(alpha_t)) * (
+        x - ((1 - alpha_t) / (torch.sqrt(1 - alpha_t_bar))) * eps
+    ) + torch.sqrt(beta_t) * noise
 
 
 @torch.no_grad()
-def eager_loop(model: torch.nn.Module, sched: SeedScheduler, x: torch.Tensor, steps: range | list[int]) -> torch.Tensor:
+def eager_loop(
+    model: torch.nn.Module, sched: SeedScheduler, x: torch.Tensor, steps: range | list[int]
+) -> torch.Tensor:
     """The seeds' sampling loop over schedule indices ``steps`` (descending), eager torch throughout."""
     n = x.shape[0]
     for i in steps:

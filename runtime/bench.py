@@ -33,11 +33,42 @@ __all__ = ["BenchConfig", "run_bench", "parse_batches", "render_markdown", "plot
 
 # DESIGN.md's performance targets: (stage, device type, sample shape incl. batch or None for any) -> minimum ratio.
 TARGETS = [
-    {"name": "fused update vs eager, CPU, 64x3x32x32", "stage": "update", "device": "cpu", "shape": [64, 3, 32, 32], "min": 5.0},
-    {"name": "fused update vs eager, CPU, 1x1x28x28", "stage": "update", "device": "cpu", "shape": [1, 1, 28, 28], "min": 10.0},
-    {"name": "end-to-end onnxruntime+fused vs eager, CPU", "stage": "loop", "device": "cpu", "backend": "onnxruntime", "min": 2.0},
-    {"name": "fused update vs eager, GPU, batch 1", "stage": "update", "device": "cuda", "batch": 1, "min": 10.0},
-    {"name": "end-to-end CUDA-graph loop vs eager, GPU, batch 1", "stage": "loop", "device": "cuda", "batch": 1, "cuda_graph": True, "min": 5.0},
+    {
+        "name": "fused update vs eager, CPU, 64x3x32x32",
+        "stage": "update",
+        "device": "cpu",
+        "shape": [64, 3, 32, 32],
+        "min": 5.0,
+    },
+    {
+        "name": "fused update vs eager, CPU, 1x1x28x28",
+        "stage": "update",
+        "device": "cpu",
+        "shape": [1, 1, 28, 28],
+        "min": 10.0,
+    },
+    {
+        "name": "end-to-end onnxruntime+fused vs eager, CPU",
+        "stage": "loop",
+        "device": "cpu",
+        "backend": "onnxruntime",
+        "min": 2.0,
+    },
+    {
+        "name": "fused update vs eager, GPU, batch 1",
+        "stage": "update",
+        "device": "cuda",
+        "batch": 1,
+        "min": 10.0,
+    },
+    {
+        "name": "end-to-end CUDA-graph loop vs eager, GPU, batch 1",
+        "stage": "loop",
+        "device": "cuda",
+        "batch": 1,
+        "cuda_graph": True,
+        "min": 5.0,
+    },
 ]
 
 
@@ -72,9 +103,13 @@ def parse_batches(text: str) -> list[int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise InvalidArgumentError(f"--batch must be a comma-separated list of positive integers, got {text!r}") from None
+        raise InvalidArgumentError(
+            f"--batch must be a comma-separated list of positive integers, got {text!r}"
+        ) from None
     if not values or any(v < 1 for v in values):
-        raise InvalidArgumentError(f"--batch must be a comma-separated list of positive integers, got {text!r}")
+        raise InvalidArgumentError(
+            f"--batch must be a comma-separated list of positive integers, got {text!r}"
+        )
     return values
 
 
@@ -87,7 +122,12 @@ def _machine(device: torch.device) -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **build_facts()}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        **build_facts(),
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info["gpu"] = p.name
@@ -113,7 +153,9 @@ def _eager_model(engine: Path, meta: dict[str, Any], ckpt: Path | None, device: 
 FUSED_TABLE = "fused kernel (step table)"
 
 
-def _table_stepper(plan: Any, seed: int, x: torch.Tensor, m: torch.Tensor, out: torch.Tensor, dev: torch.device):
+def _table_stepper(
+    plan: Any, seed: int, x: torch.Tensor, m: torch.Tensor, out: torch.Tensor, dev: torch.device
+):
     """The update as the sampling loops run it: a step table (row + Philox step index from the table's counter),
     HostStepTable bound once on CPU, DeviceStepTable on CUDA. The counter runs down and wraps."""
     from .kernels import DeviceStepTable, HostStepTable
@@ -146,7 +188,9 @@ def _row(stage: str, impl: str, t: Timing, floor_s: float | None, **extra: Any) 
     return r
 
 
-def _bench_one(cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, rates: DeviceRates) -> dict[str, Any]:
+def _bench_one(
+    cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, rates: DeviceRates
+) -> dict[str, Any]:
     from . import baseline
     from .backends import open_backend
     from .kernels import fused_step_raw
@@ -180,8 +224,12 @@ def _bench_one(cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, ra
         with torch.inference_mode():
             eager_fwd = time_fn(lambda k: model(xs[k % 4], ts[k % 4]), device=dev, repeats=cfg.repeats)
         eng_fwd = time_fn(lambda k: backend(xs[k % 4], ts[k % 4]), device=dev, repeats=cfg.repeats)
-        rows.append(_row("forward", "eager torch (baseline)", eager_fwd, fwd_floor, speedup=1.0, baseline=True))
-        rows.append(_row("forward", backend.name, eng_fwd, fwd_floor, speedup=eager_fwd.median / eng_fwd.median))
+        rows.append(
+            _row("forward", "eager torch (baseline)", eager_fwd, fwd_floor, speedup=1.0, baseline=True)
+        )
+        rows.append(
+            _row("forward", backend.name, eng_fwd, fwd_floor, speedup=eager_fwd.median / eng_fwd.median)
+        )
 
         # ---- update (a middle step, sigma > 0) ----
         i = steps // 2 if steps > 1 else 0
@@ -189,18 +237,55 @@ def _bench_one(cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, ra
         ms = [torch.randn(shape, generator=gen).to(dev) for _ in range(4)]
         out = torch.empty(shape, device=dev)
         row32 = plan.rows32[i]
-        eager_upd = time_fn(lambda k: baseline.eager_update(seed_sched, i, xs[k % 4], ms[k % 4]), device=dev,
-                            repeats=cfg.repeats * 5)
-        ref_upd = time_fn(lambda k: reference_step(plan.schedule, i, xs[k % 4], ms[k % 4], torch.randn_like(xs[k % 4]),
-                                                   prediction=plan.prediction), device=dev, repeats=cfg.repeats * 5)
-        raw_upd = time_fn(lambda k: fused_step_raw(xs[k % 4], ms[k % 4], row32, plan.clip, cfg.seed, i, 0, out),
-                          device=dev, repeats=cfg.repeats * 5)
-        table_upd = time_fn(_table_stepper(plan, cfg.seed, xs[0], ms[0], out, dev), device=dev, repeats=cfg.repeats * 5)
-        rows.append(_row("update", "eager seeds update (baseline)", eager_upd, upd_floor, speedup=1.0, baseline=True))
-        rows.append(_row("update", "ddpm.step (torch reference)", ref_upd, upd_floor, speedup=eager_upd.median / ref_upd.median))
-        rows.append(_row("update", "fused kernel (fused_step_raw)", raw_upd, upd_floor,
-                         speedup=eager_upd.median / raw_upd.median))
-        rows.append(_row("update", FUSED_TABLE, table_upd, upd_floor, speedup=eager_upd.median / table_upd.median))
+        eager_upd = time_fn(
+            lambda k: baseline.eager_update(seed_sched, i, xs[k % 4], ms[k % 4]),
+            device=dev,
+            repeats=cfg.repeats * 5,
+        )
+        ref_upd = time_fn(
+            lambda k: reference_step(
+                plan.schedule,
+                i,
+                xs[k % 4],
+                ms[k % 4],
+                torch.randn_like(xs[k % 4]),
+                prediction=plan.prediction,
+            ),
+            device=dev,
+            repeats=cfg.repeats * 5,
+        )
+        raw_upd = time_fn(
+            lambda k: fused_step_raw(xs[k % 4], ms[k % 4], row32, plan.clip, cfg.seed, i, 0, out),
+            device=dev,
+            repeats=cfg.repeats * 5,
+        )
+        table_upd = time_fn(
+            _table_stepper(plan, cfg.seed, xs[0], ms[0], out, dev), device=dev, repeats=cfg.repeats * 5
+        )
+        rows.append(
+            _row("update", "eager seeds update (baseline)", eager_upd, upd_floor, speedup=1.0, baseline=True)
+        )
+        rows.append(
+            _row(
+                "update",
+                "ddpm.step (torch reference)",
+                ref_upd,
+                upd_floor,
+                speedup=eager_upd.median / ref_upd.median,
+            )
+        )
+        rows.append(
+            _row(
+                "update",
+                "fused kernel (fused_step_raw)",
+                raw_upd,
+                upd_floor,
+                speedup=eager_upd.median / raw_upd.median,
+            )
+        )
+        rows.append(
+            _row("update", FUSED_TABLE, table_upd, upd_floor, speedup=eager_upd.median / table_upd.median)
+        )
 
         # ---- loop: time k <= steps steps, scale to steps ----
         per_step = max(eager_fwd.median + eager_upd.median, eng_fwd.median + raw_upd.median)
@@ -226,13 +311,31 @@ def _bench_one(cfg: BenchConfig, engine: Path, batch: int, dev: torch.device, ra
         eager_l = time_fn(eager_loop, device=dev, warmup=0, repeats=reps)
         eng_l = time_fn(engine_loop, device=dev, warmup=0, repeats=reps)
         loop_floor = steps * ((fwd_floor or 0.0) + upd_floor)
-        scaled = {n: Timing(t.median * scale, t.p90 * scale, t.mean * scale, t.repeats) for n, t in
-                  (("eager", eager_l), ("engine", eng_l))}
-        rows.append(_row("loop", "eager torch + seeds update (baseline)", scaled["eager"], loop_floor, speedup=1.0,
-                         baseline=True))
+        scaled = {
+            n: Timing(t.median * scale, t.p90 * scale, t.mean * scale, t.repeats)
+            for n, t in (("eager", eager_l), ("engine", eng_l))
+        }
+        rows.append(
+            _row(
+                "loop",
+                "eager torch + seeds update (baseline)",
+                scaled["eager"],
+                loop_floor,
+                speedup=1.0,
+                baseline=True,
+            )
+        )
         impl = f"{backend.name} + fused" + (" (CUDA graph)" if graph else "")
-        rows.append(_row("loop", impl, scaled["engine"], loop_floor, speedup=scaled["eager"].median / scaled["engine"].median,
-                         cuda_graph=graph))
+        rows.append(
+            _row(
+                "loop",
+                impl,
+                scaled["engine"],
+                loop_floor,
+                speedup=scaled["eager"].median / scaled["engine"].median,
+                cuda_graph=graph,
+            )
+        )
         sync(dev)
         peak = peak_memory_bytes(dev)
 
@@ -273,8 +376,16 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     continue
                 if tg.get("cuda_graph") and not row.get("cuda_graph"):
                     continue
-                out.append({"target": tg["name"], "engine": res["engine"], "batch": res["batch"], "min_ratio": tg["min"],
-                            "measured_ratio": row["speedup"], "met": row["speedup"] >= tg["min"]})
+                out.append(
+                    {
+                        "target": tg["name"],
+                        "engine": res["engine"],
+                        "batch": res["batch"],
+                        "min_ratio": tg["min"],
+                        "measured_ratio": row["speedup"],
+                        "met": row["speedup"] >= tg["min"],
+                    }
+                )
     return out
 
 
@@ -309,9 +420,19 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
     return {
         "command": cfg.command,
         "machine": _machine(dev),
-        "rates": {"copy_bandwidth_GBps": rates.copy_bandwidth / 1e9, "matmul_GFLOPps": rates.matmul_flops / 1e9},
-        "config": {"batches": cfg.batches, "steps": cfg.steps, "device": str(dev), "repeats": cfg.repeats,
-                   "loop_budget_s": cfg.loop_budget_s, "cuda_graph": cfg.cuda_graph, "threads": torch.get_num_threads()},
+        "rates": {
+            "copy_bandwidth_GBps": rates.copy_bandwidth / 1e9,
+            "matmul_GFLOPps": rates.matmul_flops / 1e9,
+        },
+        "config": {
+            "batches": cfg.batches,
+            "steps": cfg.steps,
+            "device": str(dev),
+            "repeats": cfg.repeats,
+            "loop_budget_s": cfg.loop_budget_s,
+            "cuda_graph": cfg.cuda_graph,
+            "threads": torch.get_num_threads(),
+        },
         "results": results,
         "targets": _targets(results),
     }
@@ -329,10 +450,14 @@ def _fmt_s(s: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch {m['torch']}, onnxruntime "
-             f"{m['onnxruntime']}, torch threads {report['config']['threads']}); copy bandwidth "
-             f"{report['rates']['copy_bandwidth_GBps']:.1f} GB/s, matmul {report['rates']['matmul_GFLOPps']:.0f} GFLOP/s",
-             "", f"Command: `{report['command']}`", ""]
+    lines = [
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, torch threads {report['config']['threads']}); copy bandwidth "
+        f"{report['rates']['copy_bandwidth_GBps']:.1f} GB/s, matmul {report['rates']['matmul_GFLOPps']:.0f} GFLOP/s",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
     lines.append("| engine | batch | stage | impl | median | p90 | floor | x floor | speed-up vs eager |")
     lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for res in report["results"]:
@@ -342,20 +467,30 @@ def render_markdown(report: dict[str, Any]) -> str:
             if r["stage"] == "loop" and res["loop_steps_timed"] != res["steps"]:
                 note = f" ({res['steps']} steps, timed over {res['loop_steps_timed']})"
             xf = f"{r['x_floor']:.1f}" if r["x_floor"] else "-"
-            lines.append(f"| {name} | {res['batch']} | {r['stage']}{note} | {r['impl']} | {_fmt_s(r['median_s'])} | "
-                         f"{_fmt_s(r['p90_s'])} | {_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |")
+            lines.append(
+                f"| {name} | {res['batch']} | {r['stage']}{note} | {r['impl']} | {_fmt_s(r['median_s'])} | "
+                f"{_fmt_s(r['p90_s'])} | {_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |"
+            )
     lines.append("")
     lines.append("| engine | batch | setup: backend load | samples/s | eager samples/s | peak memory |")
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
     for res in report["results"]:
         peak = f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "-"
-        lines.append(f"| {Path(res['engine']).name} | {res['batch']} | {_fmt_s(res['setup_s']['backend_load'])} | "
-                     f"{res['samples_per_s']:.3g} | {res['eager_samples_per_s']:.3g} | {peak} |")
+        lines.append(
+            f"| {Path(res['engine']).name} | {res['batch']} | {_fmt_s(res['setup_s']['backend_load'])} | "
+            f"{res['samples_per_s']:.3g} | {res['eager_samples_per_s']:.3g} | {peak} |"
+        )
     if report["targets"]:
-        lines += ["", "| target | engine | batch | required | measured | met |", "| --- | --- | ---: | ---: | ---: | --- |"]
+        lines += [
+            "",
+            "| target | engine | batch | required | measured | met |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
+        ]
         for t in report["targets"]:
-            lines.append(f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:.0f}x | "
-                         f"{t['measured_ratio']:.2f}x | {'yes' if t['met'] else '**no**'} |")
+            lines.append(
+                f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:.0f}x | "
+                f"{t['measured_ratio']:.2f}x | {'yes' if t['met'] else '**no**'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,9 @@ def build_facts() -> dict[str, str]:
     try:
         from ddpm import _C_cuda
 
-        facts["_C_cuda"] = f"{_C_cuda.build_info()['cuda_compiler']}, {_C_cuda.device_count()} device(s) visible"
+        facts["_C_cuda"] = (
+            f"{_C_cuda.build_info()['cuda_compiler']}, {_C_cuda.device_count()} device(s) visible"
+        )
     except ImportError:
         facts["_C_cuda"] = "not built (no CUDA compiler at build time)"
     return facts

@@ -39,9 +39,13 @@ _COMMAND_MODULES = (
 def schedule_cmd(
     kind: Annotated[str, typer.Option(help="linear | cosine")] = "linear",
     timesteps: Annotated[int, typer.Option(help="T, the number of diffusion steps")] = 1000,
-    steps: Annotated[int | None, typer.Option(help="respace to N steps (improved-diffusion semantics)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="respace to N steps (improved-diffusion semantics)")
+    ] = None,
     rows: Annotated[int, typer.Option(help="rows of the printed table")] = 11,
-    plot: Annotated[Path | None, typer.Option(help="draw sqrt(alphabar) and sqrt(1-alphabar) against t")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="draw sqrt(alphabar) and sqrt(1-alphabar) against t")
+    ] = None,
 ) -> None:
     """Print a schedule's table (t, beta, alphabar, SNR) and optionally plot it."""
     from .schedule import Schedule

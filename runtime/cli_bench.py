@@ -11,16 +11,29 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
-        engine: Annotated[list[Path], typer.Option(help="checkpoint / ONNX / TensorRT engine; repeat for several")],
+        engine: Annotated[
+            list[Path], typer.Option(help="checkpoint / ONNX / TensorRT engine; repeat for several")
+        ],
         batch: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,64",
         steps: Annotated[int | None, typer.Option(help="loop length (default: the model's T)")] = None,
         device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-        ckpt: Annotated[Path | None, typer.Option(help="checkpoint for the eager baseline (default: the engine's "
-                                                        "architecture with random weights)")] = None,
+        ckpt: Annotated[
+            Path | None,
+            typer.Option(
+                help="checkpoint for the eager baseline (default: the engine's "
+                "architecture with random weights)"
+            ),
+        ] = None,
         repeats: Annotated[int, typer.Option(help="timed repeats per forward measurement")] = 20,
-        loop_budget: Annotated[float, typer.Option(help="seconds a loop measurement may take before it is "
-                                                        "timed over fewer steps and scaled")] = 20.0,
-        cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="GPU: replay the loop as one CUDA graph")] = False,
+        loop_budget: Annotated[
+            float,
+            typer.Option(
+                help="seconds a loop measurement may take before it is timed over fewer steps and scaled"
+            ),
+        ] = 20.0,
+        cuda_graph: Annotated[
+            bool, typer.Option("--cuda-graph", help="GPU: replay the loop as one CUDA graph")
+        ] = False,
         threads: Annotated[int | None, typer.Option(help="CPU threads for torch and onnxruntime")] = None,
         json_out: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON")] = None,
         md_out: Annotated[Path | None, typer.Option("--md", help="write the markdown table")] = None,
@@ -42,8 +55,15 @@ def register(app: typer.Typer) -> None:
             if p is not None:
                 check_writable(p, what=what)
         cfg = BenchConfig(
-            engines=list(engine), batches=parse_batches(batch), steps=steps, device=device, ckpt=ckpt,
-            repeats=repeats, loop_budget_s=loop_budget, cuda_graph=cuda_graph, threads=threads,
+            engines=list(engine),
+            batches=parse_batches(batch),
+            steps=steps,
+            device=device,
+            ckpt=ckpt,
+            repeats=repeats,
+            loop_budget_s=loop_budget,
+            cuda_graph=cuda_graph,
+            threads=threads,
             command=invocation(),
         )
         report = run_bench(cfg, log=lambda s: typer.echo(s, err=True))

@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
     ) -> None:
-        """Sample with the fused step kernel: x_T from Philox, then M = backend(x, t), x = fused_step(...)."""
+        """Sample: x_T from Philox, then m = backend(x, t) and x = fused_step(...) for every step."""
         run_command(
             engine,
             steps=steps,

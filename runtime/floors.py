@@ -30,7 +30,9 @@ class DeviceRates:
         return flops / self.matmul_flops
 
 
-def measure_rates(device: torch.device | str = "cpu", *, copy_mib: int | None = None, mm_n: int | None = None) -> DeviceRates:
+def measure_rates(
+    device: torch.device | str = "cpu", *, copy_mib: int | None = None, mm_n: int | None = None
+) -> DeviceRates:
     """Measure copy bandwidth (tensor much larger than the last-level cache) and float32 matmul throughput."""
     dev = torch.device(device)
     gpu = dev.type == "cuda"

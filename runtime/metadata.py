@@ -22,7 +22,14 @@ from typing import Any
 from .errors import ArtifactError, DDPMError
 from .schedule import Prediction, Schedule
 
-__all__ = ["FORMAT", "REQUIRED_KEYS", "encode_metadata", "decode_metadata", "validate_metadata", "schedule_from_meta"]
+__all__ = [
+    "FORMAT",
+    "REQUIRED_KEYS",
+    "encode_metadata",
+    "decode_metadata",
+    "validate_metadata",
+    "schedule_from_meta",
+]
 
 FORMAT = "ddpm/1"
 REQUIRED_KEYS = ("format", "model", "schedule", "prediction", "sample_shape", "dataset", "step")
@@ -41,7 +48,9 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
 def decode_metadata(strings: dict[str, str] | None, *, source: str) -> dict[str, Any]:
     """Parse and validate a ``str -> str`` map read from ``source`` (a path, for messages)."""
     if not strings:
-        raise ArtifactError(f"{source}: no ddpm metadata found (was it written by `ddpm train`/`ddpm export`?)")
+        raise ArtifactError(
+            f"{source}: no ddpm metadata found (was it written by `ddpm train`/`ddpm export`?)"
+        )
     meta: dict[str, Any] = {}
     for k, v in strings.items():
         if k in _JSON_KEYS:
@@ -61,13 +70,19 @@ def validate_metadata(meta: dict[str, Any], *, source: str) -> None:
     if missing:
         raise ArtifactError(f"{source}: metadata lacks required key(s) {', '.join(missing)}")
     if meta["format"] != FORMAT:
-        raise ArtifactError(f"{source}: metadata format {meta['format']!r} is not supported (expected {FORMAT!r})")
+        raise ArtifactError(
+            f"{source}: metadata format {meta['format']!r} is not supported (expected {FORMAT!r})"
+        )
     model = meta["model"]
     if not isinstance(model, dict) or model.get("arch") not in ("unet", "mlp"):
-        raise ArtifactError(f"{source}: metadata 'model' must be a dict with arch 'unet' or 'mlp', got {model!r:.120}")
+        raise ArtifactError(
+            f"{source}: metadata 'model' must be a dict with arch 'unet' or 'mlp', got {model!r:.120}"
+        )
     shape = meta["sample_shape"]
     if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ArtifactError(f"{source}: metadata 'sample_shape' must be a list of positive ints, got {shape!r}")
+        raise ArtifactError(
+            f"{source}: metadata 'sample_shape' must be a list of positive ints, got {shape!r}"
+        )
     if not isinstance(meta["step"], int) or meta["step"] < 0:
         raise ArtifactError(f"{source}: metadata 'step' must be a non-negative int, got {meta['step']!r}")
     try:

@@ -52,9 +52,7 @@ class _Choice(str, enum.Enum):
             return cls(str(value).lower())
         except ValueError:
             allowed = ", ".join(m.value for m in cls)
-            raise InvalidArgumentError(
-                f"unknown {cls._label()} {value!r}; allowed: {allowed}"
-            ) from None
+            raise InvalidArgumentError(f"unknown {cls._label()} {value!r}; allowed: {allowed}") from None
 
     @classmethod
     def _label(cls) -> str:
@@ -171,16 +169,23 @@ class Schedule:
         kind = config["kind"]
         try:
             if kind == "linear":
-                base = cls.linear(int(config["timesteps"]), float(config["beta_start"]), float(config["beta_end"]))
+                base = cls.linear(
+                    int(config["timesteps"]), float(config["beta_start"]), float(config["beta_end"])
+                )
             elif kind == "cosine":
-                base = cls.cosine(int(config["timesteps"]), float(config.get("s", 0.008)),
-                                  float(config.get("max_beta", 0.999)))
+                base = cls.cosine(
+                    int(config["timesteps"]),
+                    float(config.get("s", 0.008)),
+                    float(config.get("max_beta", 0.999)),
+                )
             elif kind == "custom":
                 base = cls.from_betas(config["betas"])
             else:
                 raise InvalidArgumentError(f"unknown schedule kind {kind!r}; allowed: linear, cosine, custom")
         except KeyError as e:
-            raise InvalidArgumentError(f"schedule config of kind {kind!r} lacks the key {e.args[0]!r}") from None
+            raise InvalidArgumentError(
+                f"schedule config of kind {kind!r} lacks the key {e.args[0]!r}"
+            ) from None
         return base.respace(int(config["steps"])) if "steps" in config else base
 
     @classmethod
@@ -265,7 +270,13 @@ class Schedule:
         eta: float = 0.0,
     ) -> np.ndarray:
         """Cached :func:`coefficient_table` of this schedule (read-only [steps, 5] float64)."""
-        key = ("coef", Prediction.parse(prediction), Sampler.parse(sampler), Variance.parse(variance), float(eta))
+        key = (
+            "coef",
+            Prediction.parse(prediction),
+            Sampler.parse(sampler),
+            Variance.parse(variance),
+            float(eta),
+        )
         if key not in self._cache:
             self._cache[key] = _readonly(coefficient_table(self, *key[1:]))
         return self._cache[key]

@@ -15,12 +15,16 @@ def schedule_table(schedule: Schedule, rows: int = 11) -> str:
     n = len(schedule)
     idx = np.unique(np.round(np.linspace(0, n - 1, max(2, min(rows, n)))).astype(int))
     cfg = ", ".join(f"{k}={v}" for k, v in schedule.config.items() if k != "betas")
-    lines = [f"schedule: {cfg} ({n} steps)",
-             f"{'i':>6} {'t':>6} {'beta':>12} {'alphabar':>12} {'sqrt(ab)':>10} {'SNR':>12}"]
+    lines = [
+        f"schedule: {cfg} ({n} steps)",
+        f"{'i':>6} {'t':>6} {'beta':>12} {'alphabar':>12} {'sqrt(ab)':>10} {'SNR':>12}",
+    ]
     ab = schedule.alphas_cumprod
     for i in idx:
-        lines.append(f"{i:>6} {schedule.timesteps[i]:>6} {schedule.betas[i]:>12.6g} {ab[i]:>12.6g} "
-                     f"{np.sqrt(ab[i]):>10.5f} {schedule.snr[i]:>12.5g}")
+        lines.append(
+            f"{i:>6} {schedule.timesteps[i]:>6} {schedule.betas[i]:>12.6g} {ab[i]:>12.6g} "
+            f"{np.sqrt(ab[i]):>10.5f} {schedule.snr[i]:>12.5g}"
+        )
     return "\n".join(lines)
 
 

@@ -40,7 +40,9 @@ def _check_t(schedule: Schedule, t: torch.Tensor, x: torch.Tensor) -> torch.Tens
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
         raise InvalidArgumentError(f"t must have shape [N] = [{x.shape[0]}], got {tuple(t.shape)}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(schedule)):
-        raise InvalidArgumentError(f"t must index the schedule: 0..{len(schedule) - 1}, got {t.min()}..{t.max()}")
+        raise InvalidArgumentError(
+            f"t must index the schedule: 0..{len(schedule) - 1}, got {t.min()}..{t.max()}"
+        )
     return t
 
 
@@ -62,14 +64,18 @@ def x0_from_eps(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: tor
     """x0 = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps."""
     ab = schedule.alphas_cumprod
     t = _check_t(schedule, t, x_t)
-    return extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - extract(np.sqrt(1.0 / ab - 1.0), t, x_t.dim()) * eps
+    return (
+        extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - extract(np.sqrt(1.0 / ab - 1.0), t, x_t.dim()) * eps
+    )
 
 
 def eps_from_x0(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """eps = (sqrt(1/ab) x_t - x0) / sqrt(1/ab - 1)."""
     ab = schedule.alphas_cumprod
     t = _check_t(schedule, t, x_t)
-    return (extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - x0) / extract(np.sqrt(1.0 / ab - 1.0), t, x_t.dim())
+    return (extract(np.sqrt(1.0 / ab), t, x_t.dim()) * x_t - x0) / extract(
+        np.sqrt(1.0 / ab - 1.0), t, x_t.dim()
+    )
 
 
 def x0_from_v(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -154,11 +160,14 @@ def step(
     Returns:
         x_{i-1}, a new float32 tensor like x.
     """
-    a, b, p, q, sigma = step_coefficients(schedule, i, prediction=prediction, sampler=sampler,
-                                          variance=variance, eta=eta)
+    a, b, p, q, sigma = step_coefficients(
+        schedule, i, prediction=prediction, sampler=sampler, variance=variance, eta=eta
+    )
     c = check_clip(clip)
     if x.dtype != torch.float32 or model_output.dtype != torch.float32:
-        raise InvalidArgumentError(f"x and model_output must be float32, got {x.dtype} and {model_output.dtype}")
+        raise InvalidArgumentError(
+            f"x and model_output must be float32, got {x.dtype} and {model_output.dtype}"
+        )
     _check_same_shape(x=x, model_output=model_output)
     x0_hat = p * x + q * model_output
     if math.isfinite(c):

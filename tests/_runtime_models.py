@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from ddpm.runtime.schedule import Schedule
 from ddpm.trainer.checkpoint import save_checkpoint
 from ddpm.trainer.models import build_model, preset_config

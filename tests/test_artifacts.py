@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from ddpm.runtime.artifacts import (
     MAX_ONNX_IR_VERSION,
     artifact_kind,

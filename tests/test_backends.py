@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _runtime_models import shared_artifacts
+
 from ddpm.runtime.backends import default_cpu_threads, open_backend, resolve_device
 from ddpm.runtime.backends.onnx_backend import OnnxRuntimeBackend
 from ddpm.runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt

@@ -11,6 +11,7 @@ import math
 
 import pytest
 from _runtime_models import shared_artifacts
+
 from ddpm.runtime.cli import main
 
 
@@ -22,9 +23,31 @@ def artifacts(tmp_path_factory):
 def test_bench_tiny_unet(artifacts, tmp_path, capsys):
     ckpt, onnx = artifacts["unet"]
     js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
-    rc = main(["bench", "--engine", str(onnx), "--ckpt", str(ckpt), "--batch", "1,3",
-               "--steps", "20", "--device", "cpu", "--repeats", "3", "--loop-budget", "2",
-               "--json", str(js), "--md", str(md), "--plot", str(png)])
+    rc = main(
+        [
+            "bench",
+            "--engine",
+            str(onnx),
+            "--ckpt",
+            str(ckpt),
+            "--batch",
+            "1,3",
+            "--steps",
+            "20",
+            "--device",
+            "cpu",
+            "--repeats",
+            "3",
+            "--loop-budget",
+            "2",
+            "--json",
+            str(js),
+            "--md",
+            str(md),
+            "--plot",
+            str(png),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "speed-up vs eager" in out and "fused kernel" in out
@@ -37,8 +60,14 @@ def test_bench_tiny_unet(artifacts, tmp_path, capsys):
         assert res["steps"] == 20 and 2 <= res["loop_steps_timed"] <= 20
         assert res["model_flops"] > 0 and res["samples_per_s"] > 0
         stages = {(r["stage"], r.get("baseline", False)) for r in res["rows"]}
-        assert stages >= {("forward", True), ("forward", False), ("update", True), ("update", False),
-                          ("loop", True), ("loop", False)}
+        assert stages >= {
+            ("forward", True),
+            ("forward", False),
+            ("update", True),
+            ("update", False),
+            ("loop", True),
+            ("loop", False),
+        }
         base = {r["stage"]: r["median_s"] for r in res["rows"] if r.get("baseline")}
         for r in res["rows"]:
             assert r["median_s"] > 0 and math.isfinite(r["median_s"]) and r["p90_s"] >= r["median_s"]

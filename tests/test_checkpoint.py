@@ -7,12 +7,12 @@ import struct
 
 import pytest
 import torch
+
+import ddpm
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
 from ddpm.runtime.schedule import Schedule
 from ddpm.trainer.checkpoint import load_model, read_checkpoint_metadata, save_checkpoint
 from ddpm.trainer.models import build_model, preset_config
-
-import ddpm
 
 
 def _meta(**kw):

@@ -25,7 +25,10 @@ def test_help_does_not_import_heavy_modules():
 
 def test_schedule_table_and_plot(tmp_path, capsys):
     png = tmp_path / "s.png"
-    assert main(["schedule", "--kind", "cosine", "--timesteps", "1000", "--steps", "20", "--plot", str(png)]) == 0
+    assert (
+        main(["schedule", "--kind", "cosine", "--timesteps", "1000", "--steps", "20", "--plot", str(png)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "alphabar" in out and "999" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

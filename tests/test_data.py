@@ -9,9 +9,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
 from ddpm.trainer.data import load_dataset, swissroll
-from PIL import Image
 
 
 def _idx_bytes(images: np.ndarray) -> bytes:

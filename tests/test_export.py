@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from ddpm.runtime.artifacts import MAX_ONNX_IR_VERSION, read_metadata
 from ddpm.runtime.cli import main
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
@@ -22,6 +23,7 @@ FP32_TOL = 1e-4
 
 def _make_checkpoint(path, preset):
     import torch
+
     from ddpm.runtime.schedule import Schedule
     from ddpm.trainer.checkpoint import save_checkpoint
     from ddpm.trainer.models import build_model, preset_config
@@ -62,6 +64,7 @@ def _no_temp_files(folder):
 
 def _torch_out(ckpt, x, t):
     import torch
+
     from ddpm.trainer.checkpoint import load_model
 
     model, _ = load_model(ckpt)
@@ -184,8 +187,9 @@ def test_cli_export_mlp_prints_parity(ckpts, tmp_path, capsys):
 def test_fp16_export_keeps_norms_fp32(ckpts, tmp_path, rng):
     import onnx
     import onnxruntime as ort
-    from ddpm.export.pipeline import export
     from onnx import TensorProto
+
+    from ddpm.export.pipeline import export
 
     out = tmp_path / "tiny16.onnx"
     report = export(ckpts["tiny"], out, fp16=True)
@@ -299,8 +303,9 @@ def test_ir_version_is_readable_by_onnxruntime():
     """onnx 1.23 stamps IR 14 on new models; onnxruntime 1.31 rejects it. set_ir_version fixes that."""
     import onnx
     import onnxruntime as ort
-    from ddpm.export.onnx_export import max_opset, set_ir_version
     from onnx import TensorProto, helper
+
+    from ddpm.export.onnx_export import max_opset, set_ir_version
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
@@ -325,8 +330,9 @@ def test_ir_version_is_readable_by_onnxruntime():
 
 
 def test_half_conversion_refuses_what_it_cannot_convert():
-    from ddpm.export.precision import convert_to_half
     from onnx import TensorProto, helper, numpy_helper
+
+    from ddpm.export.precision import convert_to_half
 
     def model_with(nodes, inits=()):
         graph = helper.make_graph(

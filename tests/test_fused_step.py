@@ -14,12 +14,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from ddpm.runtime import extension
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.runtime.kernels import HostStepTable, fused_step_raw
 
 import ddpm
 import ddpm.noise as noise
+from ddpm.runtime import extension
+from ddpm.runtime.errors import InvalidArgumentError
+from ddpm.runtime.kernels import HostStepTable, fused_step_raw
 
 _C = extension.cpu_extension()
 needs_C = pytest.mark.skipif(_C is None, reason="ddpm._C is not built")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from ddpm.runtime.errors import InvalidArgumentError
 from ddpm.runtime.images import make_grid, save_samples_png, to_uint8_nhwc
-from PIL import Image
 
 
 def test_to_uint8_matches_reference(rng):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ddpm.runtime.kernels import DeviceStepTable, fused_step_raw
 
 import ddpm
 import ddpm.noise as noise
+from ddpm.runtime.kernels import DeviceStepTable, fused_step_raw
 
 pytestmark = pytest.mark.gpu
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ddpm.runtime.errors import InvalidArgumentError
 from ddpm.trainer.models import (
     PRESETS,

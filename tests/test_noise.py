@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ddpm.runtime import extension
-from ddpm.runtime.errors import InvalidArgumentError
 from scipy import stats
 
 import ddpm.noise as noise
+from ddpm.runtime import extension
+from ddpm.runtime.errors import InvalidArgumentError
 
 _C = extension.cpu_extension()
 needs_C = pytest.mark.skipif(_C is None, reason="ddpm._C is not built")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _runtime_models import shared_artifacts
+
 from ddpm.runtime.cli import main
 from ddpm.runtime.images import to_uint8_nhwc
 from ddpm.runtime.sampling import sample

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from _runtime_models import shared_artifacts
+
 from ddpm.runtime.backends import open_backend
 from ddpm.runtime.errors import SamplingError
 from ddpm.runtime.sampling import sample

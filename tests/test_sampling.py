@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _runtime_models import shared_artifacts
+
 from ddpm.runtime.backends import open_backend
 from ddpm.runtime.errors import InvalidArgumentError, SamplingError
 from ddpm.runtime.sampling import CHECK_EVERY, SamplingPlan, run_batches, sample, sample_batch

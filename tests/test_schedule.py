@@ -80,7 +80,9 @@ def test_respace_keeps_last_and_recomputes_betas(steps):
         gaps = np.diff(r.timesteps)
         assert gaps.max() - gaps.min() <= 1
     # alphabar over the kept steps is the original alphabar at those timesteps
-    np.testing.assert_allclose(r.alphas_cumprod, s.alphas_cumprod[r.timesteps], rtol=1e-12, atol=1e-15)  # 1-(1-ab) cancels when ab ~ 1e-9
+    np.testing.assert_allclose(
+        r.alphas_cumprod, s.alphas_cumprod[r.timesteps], rtol=1e-12, atol=1e-15
+    )  # 1-(1-ab) cancels when ab ~ 1e-9
     ab = s.alphas_cumprod[r.timesteps]
     np.testing.assert_allclose(r.betas, 1 - ab / np.append(1.0, ab[:-1]), rtol=1e-12)
 
@@ -88,7 +90,9 @@ def test_respace_keeps_last_and_recomputes_betas(steps):
 def test_respace_of_respaced_indexes_original_timesteps():
     r = Schedule.linear(1000).respace(100).respace(10)
     assert r.timesteps[-1] == 999 and len(r) == 10
-    np.testing.assert_allclose(r.alphas_cumprod, Schedule.linear(1000).alphas_cumprod[r.timesteps], rtol=1e-12)
+    np.testing.assert_allclose(
+        r.alphas_cumprod, Schedule.linear(1000).alphas_cumprod[r.timesteps], rtol=1e-12
+    )
 
 
 # ---- argument errors: each names the value and what is allowed ----
@@ -112,7 +116,10 @@ def test_respace_of_respaced_indexes_original_timesteps():
         (lambda: Prediction.parse("noise"), r"unknown prediction 'noise'; allowed: eps, x0, v"),
         (lambda: Sampler.parse("euler"), r"unknown sampler 'euler'; allowed: ddpm, ddim"),
         (lambda: Variance.parse("learned"), r"unknown variance 'learned'; allowed: fixed_small, fixed_large"),
-        (lambda: coefficient_table(Schedule.linear(10), "eps", "ddim", eta=-1.0), r"eta must be .*>= 0, got -1.0"),
+        (
+            lambda: coefficient_table(Schedule.linear(10), "eps", "ddim", eta=-1.0),
+            r"eta must be .*>= 0, got -1.0",
+        ),
     ],
 )
 def test_invalid_arguments(make, match):

@@ -63,7 +63,10 @@ def test_ddpm_posterior_mean_and_variance(sched, prediction, rng):
         for variance, var in (("fixed_small", s.posterior_variance[i]), ("fixed_large", s.betas[i])):
             kw = dict(prediction=prediction, sampler="ddpm", variance=variance)
             out = ddpm.step(s, i, torch.from_numpy(x), torch.from_numpy(m), torch.from_numpy(z), **kw)
-            ref = _posterior_mean(s, i, x.astype(np.float64), _textbook_x0(s, i, prediction, x, m)) + np.sqrt(var) * z
+            ref = (
+                _posterior_mean(s, i, x.astype(np.float64), _textbook_x0(s, i, prediction, x, m))
+                + np.sqrt(var) * z
+            )
             _check(out, ref, _scale(s, i, x, m, z, **kw))
 
 
@@ -73,7 +76,9 @@ def test_eps_form_eq11(sched, rng):
     s = SCHEDULES[sched]()
     for i in [1, len(s) // 3, len(s) - 1]:
         x, m = _rand(rng), _rand(rng)
-        out = ddpm.step(s, i, torch.from_numpy(x), torch.from_numpy(m), None if i == 0 else torch.zeros(x.shape))
+        out = ddpm.step(
+            s, i, torch.from_numpy(x), torch.from_numpy(m), None if i == 0 else torch.zeros(x.shape)
+        )
         ab, beta = s.alphas_cumprod[i], s.betas[i]
         ref = (x - beta / np.sqrt(1 - ab) * m.astype(np.float64)) / np.sqrt(1 - beta)
         _check(out, ref, _scale(s, i, x, m, np.zeros_like(x)))
@@ -130,7 +135,9 @@ def test_clip_clips_x0_hat(prediction, rng):
         a, b, _, _, sigma = s.coefficients(**kw)[i]
         _check(out, a * x64 + b * x0 + sigma * z, _scale(s, i, x, m, z, **kw))
     # at i = 0 DDIM returns x0_hat itself, so the output lies inside [-c, c]
-    out0 = ddpm.step(s, 0, torch.from_numpy(x), torch.from_numpy(m), None, clip=c, prediction=prediction, sampler="ddim")
+    out0 = ddpm.step(
+        s, 0, torch.from_numpy(x), torch.from_numpy(m), None, clip=c, prediction=prediction, sampler="ddim"
+    )
     assert out0.abs().max().item() <= c
 
 

@@ -10,6 +10,7 @@ import types
 
 import numpy as np
 import pytest
+
 from ddpm.export.tensorrt_build import (
     BatchProfile,
     make_sidecar,
@@ -181,6 +182,7 @@ def test_info_on_engine_and_sidecar(tmp_path, capsys):
 
 def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
     import torch
+
     from ddpm.runtime.schedule import Schedule as S
     from ddpm.trainer.checkpoint import save_checkpoint
     from ddpm.trainer.models import build_model, preset_config
@@ -211,6 +213,7 @@ def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     import torch
+
     from ddpm.trainer.checkpoint import save_checkpoint
     from ddpm.trainer.models import build_model, preset_config
 
@@ -259,6 +262,7 @@ def test_trt_build_parity_and_sidecar(tiny_ckpt, tmp_path, precision, capsys):
 @pytest.mark.trt
 def test_trt_build_from_onnx_and_runtime_backend(tiny_ckpt, tmp_path, capsys):
     import torch
+
     from ddpm.runtime.backends.tensorrt_backend import TensorRTBackend
 
     onnx_path = tmp_path / "tiny.onnx"

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
 from ddpm.runtime.cli import main
 from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
 from ddpm.runtime.schedule import Schedule
@@ -17,7 +19,6 @@ from ddpm.trainer.data import load_dataset
 from ddpm.trainer.models import build_model, preset_config
 from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
-from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from ddpm.runtime.metadata import schedule_from_meta
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check

@@ -83,6 +83,9 @@ class TensorRTBackend:
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(self._logger)
+            if self.meta.get("version_compatible"):
+                # version-compatible engines embed a lean runtime that must be allowed to run host code
+                self._runtime.engine_host_code_allowed = True
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
                 raise ArtifactError(
