@@ -27,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip $(QUIET)
-	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS) $(QUIET)
+	$(PIP) install -q "$(TORCH_SPEC)" numpy $(TORCH_PIP_ARGS) $(QUIET)
 	$(PY) -c "import torch" # fail here, clearly, if torch did not install
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
 	$(PIP) install -q --no-build-isolation -e ".[test]" $(QUIET)

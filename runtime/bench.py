@@ -445,7 +445,9 @@ def _fmt_s(s: float | None) -> str:
         return f"{s:.2f} s"
     if s >= 1e-3:
         return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} µs"
+    if s >= 1e-6:
+        return f"{s * 1e6:.1f} µs"
+    return f"{s * 1e9:.0f} ns"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
