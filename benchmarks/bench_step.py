@@ -31,6 +31,7 @@ import torch
 from ddpm import Schedule
 from ddpm.runtime.build_facts import build_facts
 from ddpm.runtime.extension import cpu_extension, cuda_extension
+from ddpm.runtime.floors import UPDATE_BYTES_PER_ELEMENT, measure_copy_bandwidth
 from ddpm.runtime.io import write_text_atomic
 from ddpm.runtime.kernels import DeviceStepTable, HostStepTable, fused_step_raw
 from ddpm.runtime.step import step_coefficients
@@ -68,14 +69,6 @@ def time_us(fn: Callable[[], object], device: torch.device, repeats: int, min_ms
     return statistics.median(samples)
 
 
-def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
-    """Bytes per second of a large tensor copy (read + write), median of 5."""
-    src = torch.ones(mib * (1 << 20) // 4, device=device)
-    dst = torch.empty_like(src)
-    us = time_us(lambda: dst.copy_(src), device, repeats=5, min_ms=50)
-    return 2 * src.numel() * 4 / (us * 1e-6)
-
-
 def bench_size(
     shape: tuple[int, ...], device: torch.device, bandwidth: float, repeats: int, min_ms: float
 ) -> dict:
@@ -101,7 +94,7 @@ def bench_size(
         "fused_raw_us": time_us(
             lambda: fused_step_raw(xf, m, row, CLIP, SEED, STEP, 0, xf), device, repeats, min_ms
         ),
-        "floor_us": 12 * x.numel() / bandwidth * 1e6,
+        "floor_us": UPDATE_BYTES_PER_ELEMENT * x.numel() / bandwidth * 1e6,
     }
     if device.type == "cpu":
         table = HostStepTable.from_schedule(SCHEDULE, seed=SEED, clip=CLIP)
@@ -205,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in devices:
         device = torch.device(name)
-        bw = copy_bandwidth(device)
+        bw = measure_copy_bandwidth(device)
         result["bandwidth_Bps"][name] = bw
         if name == "cuda":
             result["gpu"] = torch.cuda.get_device_name(device)

@@ -2,24 +2,5 @@
 
 from __future__ import annotations
 
-from ddpm.runtime.noise import (
-    STREAM_INITIAL,
-    STREAM_STEP,
-    box_muller_reference,
-    check_seed,
-    initial_noise,
-    normal,
-    normal_reference,
-    philox4x32,
-)
-
-__all__ = [
-    "STREAM_STEP",
-    "STREAM_INITIAL",
-    "philox4x32",
-    "normal_reference",
-    "box_muller_reference",
-    "normal",
-    "initial_noise",
-    "check_seed",
-]
+from ddpm.runtime.noise import *  # noqa: F403 - this module is the public alias of runtime.noise
+from ddpm.runtime.noise import __all__  # noqa: F401

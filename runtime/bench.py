@@ -499,12 +499,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Bars per stage: speed-up over eager for every engine x batch (log scale), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
+    from .images import new_figure, save_figure
 
     labels: list[str] = []
     groups: dict[str, list[float]] = {}
@@ -516,7 +511,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
             # forward/loop rows are named after the backend; one bar series per stage keeps engines comparable
             key = f"{r['stage']}: {r['impl']}" if r["stage"] == "update" else f"{r['stage']}: engine"
             groups.setdefault(key, [math.nan] * len(report["results"]))[j] = r["speedup"]
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4), dpi=120)
+    fig, ax = new_figure((max(6, 2.2 * len(labels)), 4), dpi=120)
     width = 0.8 / max(1, len(groups))
     x = np.arange(len(labels))
     for j, (name, vals) in enumerate(groups.items()):
@@ -527,8 +522,4 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylabel("speed-up over eager PyTorch")
     ax.set_title(f"ddpm bench on {report['machine'].get('gpu') or report['machine']['cpu']}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, what="--plot") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, what="--plot")

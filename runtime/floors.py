@@ -12,7 +12,13 @@ import torch
 
 from .timing import time_fn
 
-__all__ = ["DeviceRates", "measure_rates", "count_flops", "UPDATE_BYTES_PER_ELEMENT"]
+__all__ = [
+    "DeviceRates",
+    "measure_rates",
+    "measure_copy_bandwidth",
+    "count_flops",
+    "UPDATE_BYTES_PER_ELEMENT",
+]
 
 UPDATE_BYTES_PER_ELEMENT = 12
 
@@ -30,18 +36,22 @@ class DeviceRates:
         return flops / self.matmul_flops
 
 
+def measure_copy_bandwidth(device: torch.device | str = "cpu", mib: int | None = None) -> float:
+    """Bytes/s of a tensor copy much larger than the last-level cache, counting the read and the write."""
+    dev = torch.device(device)
+    n = (mib or (1024 if dev.type == "cuda" else 256)) * 1024 * 1024 // 4
+    bufs = [torch.ones(n, device=dev), torch.empty(n, device=dev)]
+    t = time_fn(lambda _k: bufs[1].copy_(bufs[0]), device=dev, warmup=2, repeats=7)
+    return 2 * n * 4 / t.median
+
+
 def measure_rates(
     device: torch.device | str = "cpu", *, copy_mib: int | None = None, mm_n: int | None = None
 ) -> DeviceRates:
     """Measure copy bandwidth (tensor much larger than the last-level cache) and float32 matmul throughput."""
     dev = torch.device(device)
     gpu = dev.type == "cuda"
-    copy_mib = copy_mib or (1024 if gpu else 256)
-    n = copy_mib * 1024 * 1024 // 4
-    bufs = [torch.ones(n, device=dev), torch.empty(n, device=dev)]
-    t = time_fn(lambda _k: bufs[1].copy_(bufs[0]), device=dev, warmup=2, repeats=7)
-    bandwidth = 2 * n * 4 / t.median
-    bufs.clear()
+    bandwidth = measure_copy_bandwidth(dev, copy_mib)
     mm_n = mm_n or (8192 if gpu else 1024)
     a = torch.randn(mm_n, mm_n, device=dev)
     b = torch.randn(mm_n, mm_n, device=dev)

@@ -96,20 +96,30 @@ def save_samples_png(
     return Path(path)
 
 
-def _save_scatter(points: np.ndarray, path: Path, title: str | None) -> Path:
-    if not np.all(np.isfinite(points)):
-        raise InvalidArgumentError("points contain NaN or Inf values")
-    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+def new_figure(figsize: tuple[float, float], dpi: int = 100) -> tuple[Any, Any]:
+    """(figure, axes) on an Agg canvas: matplotlib's object-oriented API, so plotting from library code never
+    touches pyplot's global state or the user's chosen backend, and needs no display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4, 4), dpi=100)
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, what: str = "plot") -> Path:
+    """Lay out ``fig`` and write it as PNG, atomically."""
+    fig.tight_layout()
+    with atomic_path(path, what=what) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def _save_scatter(points: np.ndarray, path: Path, title: str | None) -> Path:
+    if not np.all(np.isfinite(points)):
+        raise InvalidArgumentError("points contain NaN or Inf values")
+    fig, ax = new_figure((4, 4))
     ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.6, c=np.linspace(0, 1, len(points)), cmap="viridis")
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title or f"{len(points)} samples")
-    fig.tight_layout()
-    with atomic_path(path, what="image") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return save_figure(fig, path, what="image")

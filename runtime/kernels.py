@@ -115,49 +115,34 @@ def fused_step_raw(
     if numel == 0:
         return out
     n = shape[0]
+    # the argument list both extensions share; CUDA adds the device and the stream to launch on
+    args = (
+        x.data_ptr(),
+        m.data_ptr(),
+        out.data_ptr(),
+        n,
+        numel // n,
+        a,
+        b,
+        p,
+        q,
+        sigma,
+        clip,
+        seed,
+        step_index,
+        sample_offset,
+    )
     try:
         if on_cpu:
             ext = extension.cpu_extension()
             if ext is not None:
-                ext.fused_step(
-                    x.data_ptr(),
-                    m.data_ptr(),
-                    out.data_ptr(),
-                    n,
-                    numel // n,
-                    a,
-                    b,
-                    p,
-                    q,
-                    sigma,
-                    clip,
-                    seed,
-                    step_index,
-                    sample_offset,
-                )
+                ext.fused_step(*args)
                 return out
         elif x.is_cuda:
             ext = extension.cuda_extension()
             if ext is not None:
                 dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-                ext.fused_step(
-                    x.data_ptr(),
-                    m.data_ptr(),
-                    out.data_ptr(),
-                    n,
-                    numel // n,
-                    a,
-                    b,
-                    p,
-                    q,
-                    sigma,
-                    clip,
-                    seed,
-                    step_index,
-                    sample_offset,
-                    dev,
-                    torch.cuda.current_stream(x.device).cuda_stream,
-                )
+                ext.fused_step(*args, dev, torch.cuda.current_stream(x.device).cuda_stream)
                 return out
     except ValueError as e:  # the C++ side's own argument checks (std::invalid_argument)
         raise InvalidArgumentError(f"fused_step: {e}") from None

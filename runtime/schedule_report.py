@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
+from .images import new_figure, save_figure
 from .schedule import Schedule
 
 
@@ -30,21 +30,12 @@ def schedule_table(schedule: Schedule, rows: int = 11) -> str:
 
 def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     """Plot sqrt(alphabar_t) (signal) and sqrt(1 - alphabar_t) (noise) against t, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ab = schedule.alphas_cumprod
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = new_figure((6, 3.6), dpi=120)
     ax.plot(schedule.timesteps, np.sqrt(ab), label=r"$\sqrt{\bar\alpha_t}$ (signal)")
     ax.plot(schedule.timesteps, np.sqrt(1 - ab), label=r"$\sqrt{1-\bar\alpha_t}$ (noise)")
     ax.set_xlabel("t")
     ax.set_title(f"{schedule.config.get('kind', 'custom')} schedule, {len(schedule)} steps")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, what="--plot") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, what="--plot")

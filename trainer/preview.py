@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime.io import atomic_path, write_text_atomic
+from ..runtime.images import new_figure, save_figure
+from ..runtime.io import write_text_atomic
 from ..runtime.schedule import Prediction, Schedule
 from ..runtime.step import step
 
@@ -78,14 +79,9 @@ def read_loss_csv(path: str | os.PathLike) -> np.ndarray:
 
 def plot_loss(path: str | os.PathLike, losses: Sequence[float], *, title: str = "training loss") -> Path:
     """The loss per step (faint) and its moving average over ~1% of the run, log-scaled, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     y = np.asarray(losses, dtype=np.float64)
     steps = np.arange(1, len(y) + 1)
-    fig = Figure(figsize=(6, 3), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = new_figure((6, 3))
     ax.plot(steps, y, lw=0.5, alpha=0.3, color="tab:blue")
     win = max(1, len(y) // 100)
     if len(y) >= win > 1:
@@ -97,7 +93,4 @@ def plot_loss(path: str | os.PathLike, losses: Sequence[float], *, title: str = 
     ax.set_xlabel("step")
     ax.set_ylabel("MSE")
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path, what="loss plot") as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
+    return save_figure(fig, path, what="loss plot")
