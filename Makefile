@@ -31,7 +31,7 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PY) -c "import torch" # fail here, clearly, if torch did not install
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
 	$(PIP) install -q --no-build-isolation -e ".[test]" $(QUIET)
-	$(PY) -c "import ddpm._C, ddpm.runtime.cli" # the extension must have built
+	$(PY) -c "import ddpm._C, ddpm.cli" # the extension must have built
 	touch $(STAMP)
 
 demo: $(STAMP)

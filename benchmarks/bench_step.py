@@ -5,7 +5,7 @@
 Eager (separate ops, as in the seeds' sampling loops):
     x0 = (p * x + q * m).clamp(-c, c); mean = a * x + b * x0; x = mean + sigma * torch.randn_like(x)
 Fused, the ways a loop can call it (all update x in place, noise drawn in-kernel):
-    raw   - ddpm.runtime.kernels.fused_step_raw(x, m, row, c, seed, i, 0, out=x): tensors checked every call
+    raw   - ddpm.kernels.fused_step_raw(x, m, row, c, seed, i, 0, out=x): tensors checked every call
     bound - HostStepTable.bind(x, m, x)(): checked once, then one call per step (CPU)
     graph - DeviceStepTable.step captured GRAPH_STEPS times in one CUDA graph, replay time / GRAPH_STEPS (CUDA)
 Floor: 12 bytes per element (read x and m, write x) over the copy bandwidth measured here (a large
@@ -29,12 +29,12 @@ from collections.abc import Callable
 import torch
 
 from ddpm import Schedule
-from ddpm.runtime.build_facts import build_facts
-from ddpm.runtime.extension import cpu_extension, cuda_extension
+from ddpm.build_facts import build_facts
+from ddpm.extension import cpu_extension, cuda_extension
 from ddpm.runtime.floors import UPDATE_BYTES_PER_ELEMENT, measure_copy_bandwidth
-from ddpm.runtime.io import write_text_atomic
-from ddpm.runtime.kernels import DeviceStepTable, HostStepTable, fused_step_raw
-from ddpm.runtime.step import step_coefficients
+from ddpm.io import write_text_atomic
+from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
+from ddpm.step import step_coefficients
 
 SIZES = [(1, 1, 28, 28), (64, 1, 28, 28), (64, 3, 32, 32), (256, 3, 32, 32)]
 SEED, CLIP = 1234, 1.0

@@ -1,3 +1,3 @@
-from ddpm.runtime.cli import entry
+from ddpm.cli import entry
 
 entry()

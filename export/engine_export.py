@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..runtime.artifacts import read_metadata, sidecar_path
-from ..runtime.errors import ArtifactError, InvalidArgumentError
-from ..runtime.metadata import decode_metadata, schedule_from_meta
+from ddpm.artifacts import read_metadata, sidecar_path
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.metadata import decode_metadata, schedule_from_meta
 from .parity import DEFAULT_BATCHES, check_parity, onnxruntime_sessions, ort_runner, torch_reference
 from .pipeline import ExportReport, Log, build_onnx, onnx_parity, staged_pair
 from .tensorrt_build import BatchProfile, build_serialized_engine, gpu_facts, make_sidecar

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..runtime.artifacts import artifact_kind, load_onnx, onnx_metadata, read_metadata, sidecar_path
+from ddpm.artifacts import artifact_kind, load_onnx, onnx_metadata, read_metadata, sidecar_path
 
 __all__ = ["describe", "format_table"]
 

@@ -30,9 +30,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..runtime.artifacts import MAX_ONNX_IR_VERSION, onnx_weights_sha256
-from ..runtime.errors import ArtifactError, InvalidArgumentError
-from ..runtime.metadata import encode_metadata
+from ddpm.artifacts import MAX_ONNX_IR_VERSION, onnx_weights_sha256
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.metadata import encode_metadata
 
 __all__ = [
     "OPSET",

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.errors import ArtifactError
+from ddpm.errors import ArtifactError
 
 __all__ = [
     "TOLERANCES",

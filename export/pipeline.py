@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.artifacts import EXTENSIONS, artifact_kind, file_sha256, read_metadata, sidecar_path
-from ..runtime.errors import ArtifactError, InvalidArgumentError
-from ..runtime.io import atomic_path, check_writable
-from ..runtime.metadata import schedule_from_meta
+from ddpm.artifacts import EXTENSIONS, artifact_kind, file_sha256, read_metadata, sidecar_path
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.io import atomic_path, check_writable
+from ddpm.metadata import schedule_from_meta
 from .parity import (
     DEFAULT_BATCHES,
     ParityResult,
@@ -144,7 +144,7 @@ def load_checkpoint(ckpt: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             f"{p} is {'a TensorRT engine' if kind == 'tensorrt' else 'an ONNX model'}, not a checkpoint; --ckpt takes "
             "the .safetensors file written by `ddpm train` (or its run folder)"
         )
-    from ..trainer.checkpoint import load_model
+    from ddpm.checkpoint import load_model
 
     return load_model(p, device="cpu")
 

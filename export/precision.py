@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.errors import InvalidArgumentError
+from ddpm.errors import InvalidArgumentError
 
 __all__ = ["FP32_OPS", "HALF_TYPES", "convert_to_half"]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 
 __all__ = [
     "PRECISIONS",
@@ -185,7 +185,7 @@ def build_serialized_engine(
     ``timing_cache``: a file read before the build (when it exists) and rewritten atomically after it, so
     later builds for the same GPU and TensorRT version skip kernel timing.
     """
-    from ..runtime.io import write_bytes_atomic
+    from ddpm.io import write_bytes_atomic
 
     precision = parse_precision(precision)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -270,7 +270,7 @@ def make_sidecar(
     plus the TensorRT facts the runtime checks before deserialising (runtime/artifacts.py reads it back)."""
     import hashlib
 
-    from ..runtime.metadata import decode_metadata, encode_metadata
+    from ddpm.metadata import decode_metadata, encode_metadata
 
     # Round trip through the str->str codec: validates, and gives native JSON values for the structured keys.
     base = {k: v for k, v in meta.items() if k not in _SIDECAR_OWN}

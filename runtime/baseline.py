@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .schedule import Schedule
+from ddpm.schedule import Schedule
 
 __all__ = ["SeedScheduler", "eager_update", "eager_loop"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError
 from .floors import DeviceRates, count_flops, measure_rates
 from .timing import Timing, peak_memory_bytes, peak_memory_reset, sync, time_fn
 
@@ -114,7 +114,7 @@ def parse_batches(text: str) -> list[int]:
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    from .build_facts import build_facts
+    from ddpm.build_facts import build_facts
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -137,10 +137,10 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 def _eager_model(engine: Path, meta: dict[str, Any], ckpt: Path | None, device: torch.device):
     """The baseline network in eager torch, and where its weights came from."""
-    from ddpm.trainer.checkpoint import load_model  # lazy: runtime depends on trainer only here
-    from ddpm.trainer.models import build_model
+    from ddpm.checkpoint import load_model  # lazy: runtime depends on trainer only here
+    from ddpm.models import build_model
 
-    from .artifacts import artifact_kind
+    from ddpm.artifacts import artifact_kind
 
     src = engine if artifact_kind(engine) == "checkpoint" else ckpt
     if src is not None:
@@ -158,7 +158,7 @@ def _table_stepper(
 ):
     """The update as the sampling loops run it: a step table (row + Philox step index from the table's counter),
     HostStepTable bound once on CPU, DeviceStepTable on CUDA. The counter runs down and wraps."""
-    from .kernels import DeviceStepTable, HostStepTable
+    from ddpm.kernels import DeviceStepTable, HostStepTable
 
     steps = plan.steps
     if dev.type == "cuda":
@@ -193,9 +193,9 @@ def _bench_one(
 ) -> dict[str, Any]:
     from . import baseline
     from .backends import open_backend
-    from .kernels import fused_step_raw
+    from ddpm.kernels import fused_step_raw
     from .sampling import SamplingPlan, sample_batch
-    from .step import step as reference_step
+    from ddpm.step import step as reference_step
 
     peak_memory_reset(dev)
     t0 = time.perf_counter()
@@ -403,7 +403,7 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
         raise InvalidArgumentError(f"--steps must be an integer >= 1, got {cfg.steps}")
     if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
         raise ArtifactError(f"--ckpt file {str(cfg.ckpt)!r} does not exist")
-    from .artifacts import read_metadata
+    from ddpm.artifacts import read_metadata
     from .sampling import SamplingPlan
 
     for e in cfg.engines:  # validate every engine's metadata and --steps before minutes of measuring
@@ -499,7 +499,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Bars per stage: speed-up over eager for every engine x batch (log scale), written atomically."""
-    from .images import new_figure, save_figure
+    from ddpm.images import new_figure, save_figure
 
     labels: list[str] = []
     groups: dict[str, list[float]] = {}

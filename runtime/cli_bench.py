@@ -43,9 +43,9 @@ def register(app: typer.Typer) -> None:
         import json
 
         from .bench import BenchConfig, parse_batches, plot_report, render_markdown, run_bench
-        from .cli import invocation
-        from .errors import InvalidArgumentError
-        from .io import check_writable, write_text_atomic
+        from ddpm.cliutil import invocation
+        from ddpm.errors import InvalidArgumentError
+        from ddpm.io import check_writable, write_text_atomic
 
         if steps is not None and steps < 1:
             raise InvalidArgumentError(f"--steps must be an integer >= 1, got {steps}")

@@ -20,8 +20,8 @@ def save_npz(samples, path: str | os.PathLike) -> Path:
     guided-diffusion's layout, what FID tools read), float32 [M, D] for vectors such as 2-D points."""
     import numpy as np
 
-    from .images import to_uint8_nhwc
-    from .io import atomic_path
+    from ddpm.images import to_uint8_nhwc
+    from ddpm.io import atomic_path
 
     arr = to_uint8_nhwc(samples) if samples.dim() == 4 else samples.detach().to("cpu").float().numpy()
     with atomic_path(path, what="--npz") as tmp:
@@ -91,11 +91,11 @@ def run_command(
 ) -> None:
     """The body of ``ddpm run`` (a library call the CLI and scripts share)."""
     from .backends import open_backend
-    from .errors import InvalidArgumentError
-    from .images import save_samples_png
-    from .io import check_writable
+    from ddpm.errors import InvalidArgumentError
+    from ddpm.images import save_samples_png
+    from ddpm.io import check_writable
     from .sampling import SamplingPlan, run_batches
-    from .step import check_clip
+    from ddpm.step import check_clip
 
     # Everything checkable before the (long) run is checked first: no sampling only to fail at the write.
     if out is None and npz is None:

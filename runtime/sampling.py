@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError, SamplingError
-from .metadata import schedule_from_meta
-from .noise import check_seed
-from .schedule import COEF_SIGMA, Prediction, Sampler, Schedule, Variance
-from .step import check_clip
+from ddpm.errors import InvalidArgumentError, SamplingError
+from ddpm.metadata import schedule_from_meta
+from ddpm.noise import check_seed
+from ddpm.schedule import COEF_SIGMA, Prediction, Sampler, Schedule, Variance
+from ddpm.step import check_clip
 
 __all__ = ["KERNELS", "CHECK_EVERY", "SamplingPlan", "SampleRun", "sample_batch", "run_batches", "sample"]
 
@@ -180,7 +180,7 @@ def sample_batch(
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Samples ``sample_offset .. sample_offset + n - 1``: [n, *sample_shape] float32 on ``backend.device``."""
-    from .noise import STREAM_STEP, initial_noise, normal
+    from ddpm.noise import STREAM_STEP, initial_noise, normal
 
     dev = backend.device
     shape = (n, *plan.sample_shape)
@@ -189,7 +189,7 @@ def sample_batch(
     watch = FiniteWatch(plan, dev, sample_offset, n)
     checks = set(watch.checks)
     if plan.kernel == "fused":
-        from .kernels import fused_step_raw
+        from ddpm.kernels import fused_step_raw
     for i in range(plan.steps - 1, -1, -1):
         t = timesteps[i : i + 1].expand(n).contiguous()  # a device op: no host sync on CUDA
         m = backend(x, t)
@@ -212,7 +212,7 @@ def sample_batch(
 
 
 def _reference_step(plan: SamplingPlan, i: int, x: torch.Tensor, m: torch.Tensor, z: torch.Tensor | None):
-    from .step import step
+    from ddpm.step import step
 
     return step(
         plan.schedule,

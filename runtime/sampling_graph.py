@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError
+from ddpm.errors import InvalidArgumentError
 from .sampling import FiniteWatch, SamplingPlan, StepCallback
 
 __all__ = ["sample_batch_graph"]
@@ -35,8 +35,8 @@ def sample_batch_graph(
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Like :func:`ddpm.runtime.sampling.sample_batch` (same numbers), with each step a graph replay."""
-    from .kernels import DeviceStepTable
-    from .noise import initial_noise
+    from ddpm.kernels import DeviceStepTable
+    from ddpm.noise import initial_noise
 
     dev = backend.device
     if dev.type != "cuda" or not getattr(backend, "capturable", False):

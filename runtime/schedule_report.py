@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import new_figure, save_figure
-from .schedule import Schedule
+from ddpm.images import new_figure, save_figure
+from ddpm.schedule import Schedule
 
 
 def schedule_table(schedule: Schedule, rows: int = 11) -> str:

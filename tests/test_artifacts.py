@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ddpm.runtime.artifacts import (
+from ddpm.artifacts import (
     MAX_ONNX_IR_VERSION,
     artifact_kind,
     check_engine_compat,
@@ -17,9 +17,9 @@ from ddpm.runtime.artifacts import (
     read_metadata,
     sidecar_path,
 )
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
-from ddpm.runtime.metadata import FORMAT, encode_metadata
-from ddpm.runtime.schedule import Schedule
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.metadata import FORMAT, encode_metadata
+from ddpm.schedule import Schedule
 
 
 def _meta(**over):

@@ -17,7 +17,7 @@ from ddpm.runtime.backends import default_cpu_threads, open_backend, resolve_dev
 from ddpm.runtime.backends.onnx_backend import OnnxRuntimeBackend
 from ddpm.runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from ddpm.runtime.backends.torch_backend import TorchBackend
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 
 # torch (oneDNN/MKL) and onnxruntime (MLAS) sum the same products in different orders; the measured worst relative
 # error (L2 over the batch, 5 fresh models x batch 1/5/64) was 4e-7 (MLP) and 1.2e-6 (UNet): 1e-5 leaves room for
@@ -150,7 +150,7 @@ def test_bad_thread_count(art, threads):
 
 def _fake_engine(tmp_path, art, **overrides):
     """An engine file plus a sidecar with valid ddpm metadata (as `ddpm export` writes for a real engine)."""
-    from ddpm.runtime.artifacts import read_metadata, sidecar_path
+    from ddpm.artifacts import read_metadata, sidecar_path
 
     meta = read_metadata(art["unet"][1])
     engine = tmp_path / "unet.trt"

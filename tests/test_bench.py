@@ -12,7 +12,7 @@ import math
 import pytest
 from _runtime_models import shared_artifacts
 
-from ddpm.runtime.cli import main
+from ddpm.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
-from ddpm.runtime.schedule import Schedule
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.schedule import Schedule
 from ddpm.trainer.checkpoint import load_model, read_checkpoint_metadata, save_checkpoint
-from ddpm.trainer.models import build_model, preset_config
+from ddpm.models import build_model, preset_config
 
 
 def _meta(**kw):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.runtime.cli import main
+from ddpm.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -18,7 +18,7 @@ def test_help_lists_commands(capsys):
 
 
 def test_help_does_not_import_heavy_modules():
-    code = "import sys; from ddpm.runtime import cli; bad = [m for m in ('torch', 'onnxruntime', 'tensorrt') if m in sys.modules]; print(bad)"
+    code = "import sys; from ddpm import cli; bad = [m for m in ('torch', 'onnxruntime', 'tensorrt') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

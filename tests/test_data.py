@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.trainer.data import load_dataset, swissroll
 
 

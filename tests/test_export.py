@@ -14,9 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
-from ddpm.runtime.artifacts import MAX_ONNX_IR_VERSION, read_metadata
-from ddpm.runtime.cli import main
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
+from ddpm.artifacts import MAX_ONNX_IR_VERSION, read_metadata
+from ddpm.cli import main
+from ddpm.errors import ArtifactError, InvalidArgumentError
 
 FP32_TOL = 1e-4
 
@@ -24,9 +24,9 @@ FP32_TOL = 1e-4
 def _make_checkpoint(path, preset):
     import torch
 
-    from ddpm.runtime.schedule import Schedule
+    from ddpm.schedule import Schedule
     from ddpm.trainer.checkpoint import save_checkpoint
-    from ddpm.trainer.models import build_model, preset_config
+    from ddpm.models import build_model, preset_config
 
     model = build_model(preset_config(preset))
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))

@@ -17,9 +17,9 @@ import torch
 
 import ddpm
 import ddpm.noise as noise
-from ddpm.runtime import extension
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.runtime.kernels import HostStepTable, fused_step_raw
+from ddpm import extension
+from ddpm.errors import InvalidArgumentError
+from ddpm.kernels import HostStepTable, fused_step_raw
 
 _C = extension.cpu_extension()
 needs_C = pytest.mark.skipif(_C is None, reason="ddpm._C is not built")
@@ -84,7 +84,7 @@ def test_fused_step_equals_reference_step(prediction, sampler, variance, eta, cl
                 **kw,
             )
             assert (out is x_in) == in_place
-            coeffs = ddpm.runtime.step.step_coefficients(SCHEDULE, i, **kw)
+            coeffs = ddpm.step.step_coefficients(SCHEDULE, i, **kw)
             _assert_close(out, ref, x, m, z, coeffs)
 
 
@@ -96,7 +96,7 @@ def test_every_simd_variant_and_thread_split(threads, rng):
     seed, i = int(rng.integers(0, 2**63)), 37
     z = noise.normal_reference(seed, shape, step=i, sample_offset=9)
     ref = ddpm.step(SCHEDULE, i, x, m, torch.from_numpy(z), clip=1.5)
-    coeffs = ddpm.runtime.step.step_coefficients(SCHEDULE, i)
+    coeffs = ddpm.step.step_coefficients(SCHEDULE, i)
     old = _C.parallel_threshold()
     if threads == "split":
         _C.set_parallel_threshold(1)

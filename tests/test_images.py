@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.runtime.images import make_grid, save_samples_png, to_uint8_nhwc
+from ddpm.errors import InvalidArgumentError
+from ddpm.images import make_grid, save_samples_png, to_uint8_nhwc
 
 
 def test_to_uint8_matches_reference(rng):

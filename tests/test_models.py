@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.trainer.models import (
+from ddpm.errors import InvalidArgumentError
+from ddpm.models import (
     PRESETS,
     build_model,
     count_params,

@@ -9,8 +9,8 @@ import torch
 from scipy import stats
 
 import ddpm.noise as noise
-from ddpm.runtime import extension
-from ddpm.runtime.errors import InvalidArgumentError
+from ddpm import extension
+from ddpm.errors import InvalidArgumentError
 
 _C = extension.cpu_extension()
 needs_C = pytest.mark.skipif(_C is None, reason="ddpm._C is not built")

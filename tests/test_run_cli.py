@@ -9,8 +9,8 @@ import pytest
 import torch
 from _runtime_models import shared_artifacts
 
-from ddpm.runtime.cli import main
-from ddpm.runtime.images import to_uint8_nhwc
+from ddpm.cli import main
+from ddpm.images import to_uint8_nhwc
 from ddpm.runtime.sampling import sample
 
 
@@ -244,7 +244,7 @@ def test_cuda_without_gpu(art, extra, tmp_path, capsys):
 
 def test_ddpm_debug_shows_the_traceback(art, tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_DEBUG", "1")
-    from ddpm.runtime.errors import InvalidArgumentError
+    from ddpm.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError):
         main(["run", "--engine", str(art["mlp"][1]), "--steps", "0", "--out", str(tmp_path / "s.png")])

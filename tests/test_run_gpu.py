@@ -17,7 +17,7 @@ import torch
 from _runtime_models import shared_artifacts
 
 from ddpm.runtime.backends import open_backend
-from ddpm.runtime.errors import SamplingError
+from ddpm.errors import SamplingError
 from ddpm.runtime.sampling import sample
 
 GPU_VS_CPU_RTOL = 1e-2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.runtime.cli import main
+from ddpm.cli import main
 from ddpm.runtime.sampling import sample
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ import torch
 from _runtime_models import shared_artifacts
 
 from ddpm.runtime.backends import open_backend
-from ddpm.runtime.errors import InvalidArgumentError, SamplingError
+from ddpm.errors import InvalidArgumentError, SamplingError
 from ddpm.runtime.sampling import CHECK_EVERY, SamplingPlan, run_batches, sample, sample_batch
-from ddpm.runtime.schedule import Schedule
+from ddpm.schedule import Schedule
 
 # Fused kernel vs the torch reference step, same float32 coefficients and the same Philox noise: the kernel may
 # contract a*x + b*x0_hat into FMAs and evaluates its own float32 Box-Muller where torch rounds each product and
@@ -207,7 +207,7 @@ def test_non_finite_in_the_last_step_is_caught_at_the_end(art):
 
 @pytest.fixture(scope="module")
 def meta(art):
-    from ddpm.runtime.artifacts import read_metadata
+    from ddpm.artifacts import read_metadata
 
     return read_metadata(art["mlp"][1])
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ddpm import Schedule
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.runtime.schedule import Prediction, Sampler, Variance, coefficient_table
+from ddpm.errors import InvalidArgumentError
+from ddpm.schedule import Prediction, Sampler, Variance, coefficient_table
 
 # Golden values (float64). Linear: Ho et al.'s 1e-4..0.02 over T=1000 (alphabar_999 = 4.0358e-5 is the
 # widely quoted value, e.g. in diffusers' DDPMScheduler). Cosine: Nichol & Dhariwal, s = 0.008.

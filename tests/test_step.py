@@ -13,8 +13,8 @@ import torch
 
 import ddpm
 from ddpm import Schedule
-from ddpm.runtime.errors import InvalidArgumentError
-from ddpm.runtime.schedule import COEF_SIGMA
+from ddpm.errors import InvalidArgumentError
+from ddpm.schedule import COEF_SIGMA
 
 TOL = 1e-6
 SCHEDULES = {
@@ -50,7 +50,7 @@ def _posterior_mean(s: Schedule, i: int, x, x0):
 
 
 def _scale(s, i, x, m, z, **kw):
-    a, b, p, q, sigma = s.coefficients(**kw)[i]
+    a, b, _c, p, q, sigma = s.coefficients(**kw)[i]
     return np.abs(a * x) + np.abs(b) * (np.abs(p * x) + np.abs(q * m)) + np.abs(sigma * z) + 1e-30
 
 
@@ -132,7 +132,7 @@ def test_clip_clips_x0_hat(prediction, rng):
         x64 = x.astype(np.float64)
         x0 = np.clip(_textbook_x0(s, i, prediction, x64, m.astype(np.float64)), -c, c)
         assert np.abs(x0).max() <= c
-        a, b, _, _, sigma = s.coefficients(**kw)[i]
+        a, b, _, _, _, sigma = s.coefficients(**kw)[i]
         _check(out, a * x64 + b * x0 + sigma * z, _scale(s, i, x, m, z, **kw))
     # at i = 0 DDIM returns x0_hat itself, so the output lies inside [-c, c]
     out0 = ddpm.step(

@@ -20,11 +20,11 @@ from ddpm.export.tensorrt_build import (
     parse_profile,
     require_tensorrt,
 )
-from ddpm.runtime.artifacts import check_engine_compat, read_metadata, sidecar_path
-from ddpm.runtime.cli import main
-from ddpm.runtime.errors import InvalidArgumentError, MissingDependencyError
-from ddpm.runtime.metadata import FORMAT
-from ddpm.runtime.schedule import Schedule
+from ddpm.artifacts import check_engine_compat, read_metadata, sidecar_path
+from ddpm.cli import main
+from ddpm.errors import InvalidArgumentError, MissingDependencyError
+from ddpm.metadata import FORMAT
+from ddpm.schedule import Schedule
 
 HINT = 'pip install "ddpm[trt]" on a machine with an NVIDIA GPU'
 
@@ -183,9 +183,9 @@ def test_info_on_engine_and_sidecar(tmp_path, capsys):
 def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
     import torch
 
-    from ddpm.runtime.schedule import Schedule as S
+    from ddpm.schedule import Schedule as S
     from ddpm.trainer.checkpoint import save_checkpoint
-    from ddpm.trainer.models import build_model, preset_config
+    from ddpm.models import build_model, preset_config
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     ckpt = save_checkpoint(
@@ -215,7 +215,7 @@ def tiny_ckpt(tmp_path):
     import torch
 
     from ddpm.trainer.checkpoint import save_checkpoint
-    from ddpm.trainer.models import build_model, preset_config
+    from ddpm.models import build_model, preset_config
 
     model = build_model(preset_config("tiny"))
     with torch.no_grad():

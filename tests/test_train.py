@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ddpm.runtime.cli import main
-from ddpm.runtime.errors import ArtifactError, InvalidArgumentError
-from ddpm.runtime.schedule import Schedule
-from ddpm.runtime.step import q_sample, v_from_x0_eps
+from ddpm.cli import main
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.schedule import Schedule
+from ddpm.step import q_sample, v_from_x0_eps
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.data import load_dataset
-from ddpm.trainer.models import build_model, preset_config
+from ddpm.models import build_model, preset_config
 from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.runtime.metadata import schedule_from_meta
+from ddpm.metadata import schedule_from_meta
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.trainer.preview import reference_sample

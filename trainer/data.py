@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runtime.errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError
 
 __all__ = ["Dataset", "DATASET_KINDS", "load_dataset", "swissroll", "dataset_kind"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.errors import InvalidArgumentError
+from ddpm.errors import InvalidArgumentError
 
 __all__ = ["energy_distance", "swissroll_energy_check", "digits_classifier_check"]
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime.images import new_figure, save_figure
-from ..runtime.io import write_text_atomic
-from ..runtime.schedule import Prediction, Schedule
-from ..runtime.step import step
+from ddpm.images import new_figure, save_figure
+from ddpm.io import write_text_atomic
+from ddpm.schedule import Prediction, Schedule
+from ddpm.step import step
 
 __all__ = ["reference_sample", "write_loss_csv", "plot_loss", "read_loss_csv"]
 

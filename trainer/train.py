@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runtime.errors import ArtifactError, InvalidArgumentError
-from ..runtime.io import atomic_path, write_text_atomic
-from ..runtime.schedule import Prediction, Schedule
-from ..runtime.step import q_sample, training_target
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.io import atomic_path, write_text_atomic
+from ddpm.schedule import Prediction, Schedule
+from ddpm.step import q_sample, training_target
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .data import Dataset, dataset_kind, load_dataset
-from .models import build_model, count_params, preset_config
+from ddpm.models import build_model, count_params, preset_config
 from .preview import plot_loss, reference_sample, write_loss_csv
 from .progress import TrainProgress
 
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
 
 
 def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device, k: int) -> None:
-    from ..runtime.images import save_samples_png
+    from ddpm.images import save_samples_png
 
     n = cfg.num_samples or (64 if ds.is_image else 1000)
     x = reference_sample(

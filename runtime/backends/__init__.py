@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError
 
 __all__ = ["Backend", "resolve_device", "open_backend", "default_cpu_threads", "BACKEND_FOR_KIND"]
 
@@ -95,7 +95,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _artifact_kind(path: Path) -> str:
-    from ..artifacts import artifact_kind
+    from ddpm.artifacts import artifact_kind
 
     return artifact_kind(path)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ddpm.errors import InvalidArgumentError
 
 
 def check_call(x: torch.Tensor, t: torch.Tensor, sample_shape: Sequence[int], device: torch.device) -> None:

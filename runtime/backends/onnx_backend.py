@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 from ._common import check_call
 
 __all__ = ["OnnxRuntimeBackend", "import_onnxruntime"]
@@ -38,7 +38,7 @@ def import_onnxruntime():
 
 
 def _read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    from ..artifacts import read_metadata
+    from ddpm.artifacts import read_metadata
 
     return read_metadata(path)
 

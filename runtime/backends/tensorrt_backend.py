@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArtifactError, InvalidArgumentError, MissingDependencyError, SamplingError
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError, SamplingError
 from ._common import check_call
 
 __all__ = ["TensorRTBackend", "import_tensorrt"]
@@ -45,7 +45,7 @@ def import_tensorrt():
 
 def _check_compat(path: Path, meta: dict[str, Any], trt: Any, device: torch.device) -> None:
     """The sidecar checked against the running TensorRT version and GPU (runtime/artifacts.py)."""
-    from ..artifacts import check_engine_compat
+    from ddpm.artifacts import check_engine_compat
 
     major, minor = torch.cuda.get_device_capability(device)
     check_engine_compat(
@@ -64,7 +64,7 @@ class TensorRTBackend:
     capturable = True
 
     def __init__(self, path: str | os.PathLike, device: torch.device) -> None:
-        from ..artifacts import read_metadata
+        from ddpm.artifacts import read_metadata
 
         self.path = Path(path)
         self.device = torch.device(device)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError
 from ._common import check_call
 
 __all__ = ["TorchBackend"]
@@ -62,7 +62,7 @@ class TorchBackend:
         """Load a safetensors checkpoint (no code runs while loading) with its metadata."""
         # Lazy: runtime depends on nothing of ours but ddpm._C; only this backend needs the trainer's models.
         try:
-            from ddpm.trainer.checkpoint import load_model
+            from ddpm.checkpoint import load_model
         except ImportError as e:  # pragma: no cover - the trainer ships with the package
             raise ArtifactError(
                 f"{path}: the torch backend needs ddpm.trainer to rebuild the model ({e})"

@@ -129,8 +129,8 @@ def step_coefficients(
     sampler: Sampler | str = "ddpm",
     variance: Variance | str = "fixed_small",
     eta: float = 0.0,
-) -> tuple[float, float, float, float, float]:
-    """Row i of the coefficient table, cast to float32 (as the kernels see it): (a, b, p, q, sigma)."""
+) -> tuple[float, ...]:
+    """Row i of the coefficient table, cast to float32 (as the kernels see it): (a, b, c, p, q, sigma)."""
     i = schedule.check_index(i)
     row = schedule.coefficients(prediction, sampler, variance, eta)[i].astype(np.float32)
     return tuple(float(v) for v in row)  # type: ignore[return-value]
@@ -160,7 +160,7 @@ def step(
     Returns:
         x_{i-1}, a new float32 tensor like x.
     """
-    a, b, p, q, sigma = step_coefficients(
+    a, b, _c, p, q, sigma = step_coefficients(
         schedule, i, prediction=prediction, sampler=sampler, variance=variance, eta=eta
     )
     c = check_clip(clip)

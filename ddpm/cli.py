@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
+from .cliutil import invocation, record_invocation
 from .errors import DDPMError
 
 app = typer.Typer(
@@ -32,36 +30,8 @@ _COMMAND_MODULES = (
     "ddpm.export.cli",
     "ddpm.runtime.cli_run",
     "ddpm.runtime.cli_bench",
+    "ddpm.runtime.cli_schedule",
 )
-
-
-@app.command("schedule")
-def schedule_cmd(
-    kind: Annotated[str, typer.Option(help="linear | cosine")] = "linear",
-    timesteps: Annotated[int, typer.Option(help="T, the number of diffusion steps")] = 1000,
-    steps: Annotated[
-        int | None, typer.Option(help="respace to N steps (improved-diffusion semantics)")
-    ] = None,
-    rows: Annotated[int, typer.Option(help="rows of the printed table")] = 11,
-    plot: Annotated[
-        Path | None, typer.Option(help="draw sqrt(alphabar) and sqrt(1-alphabar) against t")
-    ] = None,
-) -> None:
-    """Print a schedule's table (t, beta, alphabar, SNR) and optionally plot it."""
-    from .schedule import Schedule
-    from .schedule_report import plot_schedule, schedule_table
-
-    sched = Schedule.create(kind, timesteps)
-    if steps is not None:
-        sched = sched.respace(steps)
-    if plot is not None:
-        from .io import check_writable
-
-        check_writable(plot, what="--plot")
-    typer.echo(schedule_table(sched, rows=rows))
-    if plot is not None:
-        plot_schedule(sched, plot)
-        typer.echo(f"wrote {plot}")
 
 
 @app.command("version")
@@ -87,20 +57,13 @@ def _register_commands() -> None:
 _register_commands()
 
 
-_invocation: list[str] = []
-
-
-def invocation() -> str:
-    """The command line being run, shell-quoted (benchmarks record it next to their figures)."""
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in ["ddpm", *_invocation])
+__all__ = ["app", "main", "entry", "invocation"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 2 bad input, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _invocation[:] = argv
+    record_invocation(argv)
     debug = os.environ.get("DDPM_DEBUG", "") not in ("", "0")
     try:
         # Standalone mode: typer prints usage errors itself (exit 2) and raises SystemExit.

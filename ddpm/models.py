@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.errors import InvalidArgumentError
+from .errors import InvalidArgumentError
 
 __all__ = [
     "PRESETS",

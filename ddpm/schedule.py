@@ -32,13 +32,16 @@ __all__ = [
     "coefficient_table",
     "COEF_A",
     "COEF_B",
+    "COEF_C",
     "COEF_P",
     "COEF_Q",
     "COEF_SIGMA",
 ]
 
-# Column order of the coefficient table.
-COEF_A, COEF_B, COEF_P, COEF_Q, COEF_SIGMA = range(5)
+# Column order of the coefficient table: x_prev = a x + b x0_hat + c h + sigma z, x0_hat = clip(p x + q m), where
+# h is the previous step's x0_hat (multistep solvers; c = 0 for DDPM and DDIM). docs/design.md, "The step".
+COEF_A, COEF_B, COEF_C, COEF_P, COEF_Q, COEF_SIGMA = range(6)
+NUM_COEFS = 6
 
 
 class _Choice(str, enum.Enum):
@@ -269,7 +272,7 @@ class Schedule:
         variance: Variance | str = "fixed_small",
         eta: float = 0.0,
     ) -> np.ndarray:
-        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 5] float64)."""
+        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 6] float64)."""
         key = (
             "coef",
             Prediction.parse(prediction),
@@ -301,7 +304,7 @@ def coefficient_table(
     variance: Variance | str = "fixed_small",
     eta: float = 0.0,
 ) -> np.ndarray:
-    """The [steps, 5] float64 table of (a, b, p, q, sigma), row i for step i (0 = cleanest).
+    """The [steps, 6] float64 table of (a, b, c, p, q, sigma), row i for step i (0 = cleanest).
 
     p, q turn the model output m into x0_hat = p x + q m:
         eps: (sqrt(1/ab), -sqrt(1/ab - 1))   (Ho et al. eq. 15 solved for x0)
@@ -322,7 +325,7 @@ def coefficient_table(
     ab = schedule.alphas_cumprod
     ab_prev = schedule.alphas_cumprod_prev
     beta = schedule.betas
-    table = np.empty((len(schedule), 5), dtype=np.float64)
+    table = np.zeros((len(schedule), NUM_COEFS), dtype=np.float64)
 
     if prediction is Prediction.EPS:
         table[:, COEF_P] = np.sqrt(1.0 / ab)
