@@ -34,7 +34,7 @@ from ddpm.extension import cpu_extension, cuda_extension
 from ddpm.runtime.floors import UPDATE_BYTES_PER_ELEMENT, measure_copy_bandwidth
 from ddpm.io import write_text_atomic
 from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
-from ddpm.step import step_coefficients
+from ddpm.diffusion import step_coefficients
 
 SIZES = [(1, 1, 28, 28), (64, 1, 28, 28), (64, 3, 32, 32), (256, 3, 32, 32)]
 SEED, CLIP = 1234, 1.0
@@ -72,7 +72,7 @@ def time_us(fn: Callable[[], object], device: torch.device, repeats: int, min_ms
 def bench_size(
     shape: tuple[int, ...], device: torch.device, bandwidth: float, repeats: int, min_ms: float
 ) -> dict:
-    a, b, p, q, sigma = step_coefficients(SCHEDULE, STEP)
+    a, b, _c, p, q, sigma = step_coefficients(SCHEDULE, STEP)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, device=device, generator=gen)
     m = torch.randn(shape, device=device, generator=gen)

@@ -25,17 +25,17 @@ from . import extension
 from .errors import InvalidArgumentError
 from .noise import check_counter_args, check_seed, normal_reference
 from .schedule import Prediction, Sampler, Schedule, Variance
-from .step import check_clip, step_coefficients
+from .diffusion import check_clip, step_coefficients
 from .step_tables import DeviceStepTable, HostStepTable, check_step_tensors
 
 __all__ = ["fused_step", "fused_step_raw", "DeviceStepTable", "HostStepTable"]
 
-Coeffs = tuple[float, float, float, float, float]
+Coeffs = tuple[float, float, float, float, float, float]
 
 
 def _fused_step_torch(x, m, coeffs: Coeffs, clip: float, seed: int, step_index: int, sample_offset: int, out):
     """The pure torch path: ddpm.step's arithmetic with the NumPy reference noise."""
-    a, b, p, q, sigma = coeffs
+    a, b, _c, p, q, sigma = coeffs
     x0_hat = p * x + q * m
     if math.isfinite(clip):
         x0_hat = x0_hat.clamp(-clip, clip)
@@ -108,9 +108,11 @@ def fused_step_raw(
             raise InvalidArgumentError(f"clip must be > 0 (math.inf for no clipping), got {clip}")
         shape, on_cpu = x.shape, x.device.type == "cpu"
     try:
-        a, b, p, q, sigma = coeffs
+        a, b, c, p, q, sigma = coeffs
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"coeffs must be 5 floats (a, b, p, q, sigma), got {coeffs!r}") from None
+        raise InvalidArgumentError(f"coeffs must be 6 floats (a, b, c, p, q, sigma), got {coeffs!r}") from None
+    if c != 0.0:  # TEMPORARY until the kernel carries the history operand
+        raise InvalidArgumentError("history coefficient c != 0 is not supported yet")
     numel = x.numel()
     if numel == 0:
         return out
@@ -153,7 +155,7 @@ def fused_step_raw(
         f"ddpm.fused_step: no compiled kernel for {x.device.type} tensors (ddpm._C / ddpm._C_cuda not built or no "
         "GPU visible); using the (slow) pure torch path. Reinstall with `pip install -e .` to build the kernels.",
     )
-    coeffs = (float(a), float(b), float(p), float(q), float(sigma))
+    coeffs = (float(a), float(b), 0.0, float(p), float(q), float(sigma))
     return _fused_step_torch(x, m, coeffs, float(clip), seed, step_index, sample_offset, out)
 
 

@@ -17,7 +17,7 @@ from . import extension
 from .errors import InvalidArgumentError, MissingDependencyError
 from .noise import check_counter_args, check_seed
 from .schedule import Prediction, Sampler, Schedule, Variance
-from .step import check_clip
+from .diffusion import check_clip
 
 __all__ = ["DeviceStepTable", "HostStepTable", "check_step_tensors"]
 
@@ -73,7 +73,7 @@ class DeviceStepTable:
                 "DeviceStepTable needs the CUDA extension ddpm._C_cuda and a visible GPU "
                 "(build with nvcc installed: pip install -e .)"
             )
-        t = np.asarray(table, dtype=np.float64)
+        t = np.asarray(table, dtype=np.float64)[:, [0, 1, 3, 4, 5]]  # TEMPORARY: drop c until the kernel has it
         if t.ndim != 2 or t.shape[1] != 5 or t.shape[0] < 1:
             raise InvalidArgumentError(f"table must be [steps, 5] (a, b, p, q, sigma), got shape {t.shape}")
         if not np.all(np.isfinite(t)):
@@ -164,7 +164,7 @@ class HostStepTable:
             raise MissingDependencyError(
                 "HostStepTable needs the compiled CPU extension ddpm._C (pip install -e .)"
             )
-        t = np.ascontiguousarray(np.asarray(table, dtype=np.float64).astype(np.float32))
+        t = np.ascontiguousarray(np.asarray(table, dtype=np.float64)[:, [0, 1, 3, 4, 5]].astype(np.float32))
         if t.ndim != 2 or t.shape[1] != 5 or t.shape[0] < 1:
             raise InvalidArgumentError(f"table must be [steps, 5] (a, b, p, q, sigma), got shape {t.shape}")
         clip = float(clip)

@@ -195,7 +195,7 @@ def _bench_one(
     from .backends import open_backend
     from ddpm.kernels import fused_step_raw
     from .sampling import SamplingPlan, sample_batch
-    from ddpm.step import step as reference_step
+    from ddpm.diffusion import step as reference_step
 
     peak_memory_reset(dev)
     t0 = time.perf_counter()

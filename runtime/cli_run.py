@@ -95,7 +95,7 @@ def run_command(
     from ddpm.images import save_samples_png
     from ddpm.io import check_writable
     from .sampling import SamplingPlan, run_batches
-    from ddpm.step import check_clip
+    from ddpm.diffusion import check_clip
 
     # Everything checkable before the (long) run is checked first: no sampling only to fail at the write.
     if out is None and npz is None:

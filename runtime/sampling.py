@@ -30,7 +30,7 @@ from ddpm.errors import InvalidArgumentError, SamplingError
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import check_seed
 from ddpm.schedule import COEF_SIGMA, Prediction, Sampler, Schedule, Variance
-from ddpm.step import check_clip
+from ddpm.diffusion import check_clip
 
 __all__ = ["KERNELS", "CHECK_EVERY", "SamplingPlan", "SampleRun", "sample_batch", "run_batches", "sample"]
 
@@ -212,7 +212,7 @@ def sample_batch(
 
 
 def _reference_step(plan: SamplingPlan, i: int, x: torch.Tensor, m: torch.Tensor, z: torch.Tensor | None):
-    from ddpm.step import step
+    from ddpm.diffusion import step
 
     return step(
         plan.schedule,

@@ -84,7 +84,7 @@ def test_fused_step_equals_reference_step(prediction, sampler, variance, eta, cl
                 **kw,
             )
             assert (out is x_in) == in_place
-            coeffs = ddpm.step.step_coefficients(SCHEDULE, i, **kw)
+            coeffs = ddpm.diffusion.step_coefficients(SCHEDULE, i, **kw)
             _assert_close(out, ref, x, m, z, coeffs)
 
 
@@ -96,7 +96,7 @@ def test_every_simd_variant_and_thread_split(threads, rng):
     seed, i = int(rng.integers(0, 2**63)), 37
     z = noise.normal_reference(seed, shape, step=i, sample_offset=9)
     ref = ddpm.step(SCHEDULE, i, x, m, torch.from_numpy(z), clip=1.5)
-    coeffs = ddpm.step.step_coefficients(SCHEDULE, i)
+    coeffs = ddpm.diffusion.step_coefficients(SCHEDULE, i)
     old = _C.parallel_threshold()
     if threads == "split":
         _C.set_parallel_threshold(1)

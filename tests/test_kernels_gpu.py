@@ -72,7 +72,7 @@ def test_cuda_fused_step_equals_reference(shape, in_place, prediction, clip, rng
             clip=clip,
             out=xg if in_place else None,
         )
-        a, b, _c, p, q, sigma = ddpm.step.step_coefficients(SCHEDULE, i, prediction=prediction)
+        a, b, _c, p, q, sigma = ddpm.diffusion.step_coefficients(SCHEDULE, i, prediction=prediction)
         scale = (a * x).abs() + abs(b) * ((p * x).abs() + (q * m).abs()) + (sigma * z).abs() + 1e-30
         assert float(((out.cpu() - ref).abs() / scale).max()) <= TOL
 
@@ -85,7 +85,7 @@ def test_cuda_unaligned_buffers_take_the_scalar_path(rng):
     x = buf[1:].view(shape)
     m = torch.randn(shape, device="cuda")
     out = torch.empty(shape, device="cuda")
-    coeffs = ddpm.step.step_coefficients(SCHEDULE, 9)
+    coeffs = ddpm.diffusion.step_coefficients(SCHEDULE, 9)
     fused_step_raw(x, m, coeffs, float("inf"), 5, 9, 0, out)
     z = torch.from_numpy(noise.normal_reference(5, shape, step=9))
     ref = ddpm.step(SCHEDULE, 9, x.cpu(), m.cpu(), z)
@@ -122,7 +122,7 @@ def test_device_step_table_in_a_captured_cuda_graph(rng):
         graph.replay()
         mr = model(ref)
         z = torch.from_numpy(noise.normal_reference(seed, shape, step=i, sample_offset=offset))
-        a, b, _c, p, q, sigma = ddpm.step.step_coefficients(SCHEDULE, i)
+        a, b, _c, p, q, sigma = ddpm.diffusion.step_coefficients(SCHEDULE, i)
         max_scale = max(
             max_scale,
             float(((a * ref).abs() + abs(b) * ((p * ref).abs() + (q * mr).abs()) + (sigma * z).abs()).max()),

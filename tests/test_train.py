@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ddpm.cli import main
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.schedule import Schedule
-from ddpm.step import q_sample, v_from_x0_eps
+from ddpm.diffusion import q_sample, v_from_x0_eps
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.data import load_dataset
 from ddpm.models import build_model, preset_config

@@ -20,7 +20,7 @@ from torch import nn
 from ddpm.images import new_figure, save_figure
 from ddpm.io import write_text_atomic
 from ddpm.schedule import Prediction, Schedule
-from ddpm.step import step
+from ddpm.diffusion import step
 
 __all__ = ["reference_sample", "write_loss_csv", "plot_loss", "read_loss_csv"]
 

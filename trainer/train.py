@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.io import atomic_path, write_text_atomic
 from ddpm.schedule import Prediction, Schedule
-from ddpm.step import q_sample, training_target
+from ddpm.diffusion import q_sample, training_target
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .data import Dataset, dataset_kind, load_dataset
 from ddpm.models import build_model, count_params, preset_config
