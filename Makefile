@@ -16,7 +16,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.ddpm-installed
 # Anything that changes what gets built or installed re-runs the install step.
-BUILD_INPUTS := pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(wildcard csrc/*) $(wildcard ddpm/*.pyi)
 DEMO_DIR    ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -37,12 +37,15 @@ $(STAMP): $(BUILD_INPUTS)
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)
 
+# The layer contract (import-linter, pyproject.toml [tool.importlinter]) runs first: a broken layer fails fast.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

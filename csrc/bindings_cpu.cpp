@@ -1,13 +1,15 @@
 // ddpm._C: the CPU extension. Never links or loads a CUDA runtime.
 //
 // Tensors cross as plain integers (data pointers) and sizes, so the module needs no libtorch and works with any
-// torch version; the Python front (ddpm.runtime.kernels / ddpm.noise) checks the tensors by name before calling.
+// torch version. The Python front (ddpm.kernels, ddpm.noise) checks the tensors; everything else is checked
+// here (checks.h, py_args.h). One step entry, fused_step: the coefficient row by value, or a StepTable read at an
+// explicit row or at its step counter; BoundStep is that same call with its arguments checked once and kept.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
 #include <cstdint>
-#include <memory>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "build_info.h"
 #include "checks.h"
 #include "philox.h"
+#include "py_args.h"
 #include "step_cpu.h"
 
 namespace py = pybind11;
@@ -34,24 +37,176 @@ void run_maybe_without_gil(int64_t elements, F&& f) {
   }
 }
 
-void fused_step(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d, float a, float b,
-                float p, float q, float sigma, float clip, uint64_t seed, uint32_t step, uint32_t sample_offset) {
-  ddpm::check_sizes(n, d, sample_offset);
-  ddpm::cpu::StepArgs args{ddpm::float_ptr<const float>(x, "x"), ddpm::float_ptr<const float>(m, "m"),
-                           ddpm::float_ptr<float>(out, "out"), n, d, a, b, p, q, sigma, clip, seed, step,
-                           sample_offset};
+// The [rows, 6] float32 coefficient table (a, b, c, p, q, sigma) and a step counter: the CPU twin of the CUDA
+// device table. The rows are copied in and checked once, so calls that read them check nothing per step.
+class StepTable {
+ public:
+  StepTable(std::uintptr_t table, int64_t rows) {
+    const float* t = ddpm::float_ptr<const float>(table, "table");
+    ddpm::check_table(t, rows);
+    rows_.assign(t, t + ddpm::kNumCoefs * rows);
+    counter_ = rows - 1;
+  }
+
+  int64_t rows() const { return static_cast<int64_t>(rows_.size()) / ddpm::kNumCoefs; }
+  int64_t counter() const { return counter_; }
+  void set_counter(int64_t i) {
+    DDPM_REQUIRE(i >= 0 && i < rows(), "step counter must be in 0.." + std::to_string(rows() - 1) + ", got " +
+                                           std::to_string(i));
+    counter_ = i;
+  }
+
+  // Copy row `step` (step = the schedule index i) into args, with its step index.
+  void load_row(int64_t step, ddpm::cpu::StepArgs& args) const {
+    DDPM_REQUIRE(step >= 0 && step < rows(), "step index i must be an integer in 0.." + std::to_string(rows() - 1) +
+                                                 ", got " + std::to_string(step));
+    const float* r = rows_.data() + ddpm::kNumCoefs * step;
+    args.a = r[0], args.b = r[1], args.c = r[2], args.p = r[3], args.q = r[4], args.sigma = r[5];
+    args.step = static_cast<uint32_t>(step);
+  }
+
+  // The counter's row, then counter -= 1 (a sampling loop runs i = steps-1 .. 0).
+  void load_counter_row(ddpm::cpu::StepArgs& args) {
+    if (counter_ < 0 || counter_ >= rows()) {
+      throw py::index_error("step counter " + std::to_string(counter_) + " is outside the table 0.." +
+                            std::to_string(rows() - 1) + " (more steps run than the table has?)");
+    }
+    load_row(counter_--, args);
+  }
+
+ private:
+  std::vector<float> rows_;
+  int64_t counter_ = 0;
+};
+
+// One checked call of the fused step. Where the row comes from: `args` itself (by value), row `args.step` of
+// `table`, or the table's counter (use_counter).
+struct StepCall {
+  ddpm::cpu::StepArgs args{};
+  StepTable* table = nullptr;
+  bool use_counter = false;
+};
+
+StepCall make_call(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d, py::handle coeffs,
+                   float clip, py::handle seed, py::handle step, py::handle sample_offset, std::uintptr_t history) {
+  StepCall call;
+  ddpm::cpu::StepArgs& A = call.args;
+  A.sample_offset = ddpm::counter_word_arg(sample_offset, "sample_offset");
+  ddpm::check_sizes(n, d, A.sample_offset);
+  A.x = ddpm::float_ptr<const float>(x, "x");
+  A.m = ddpm::float_ptr<const float>(m, "m");
+  A.out = ddpm::float_ptr<float>(out, "out");
+  A.n = n, A.d = d;
   const uint64_t bytes = static_cast<uint64_t>(n * d) * sizeof(float);
   ddpm::check_no_partial_overlap(out, "out", x, "x", bytes);
   ddpm::check_no_partial_overlap(out, "out", m, "m", bytes);
-  ddpm::check_finite(a, "a");
-  ddpm::check_finite(b, "b");
-  ddpm::check_finite(p, "p");
-  ddpm::check_finite(q, "q");
-  ddpm::check_finite(sigma, "sigma");
+  if (history != 0) {
+    A.h = ddpm::float_ptr<float>(history, "history");
+    ddpm::check_disjoint(history, "history", x, "x", bytes);
+    ddpm::check_disjoint(history, "history", m, "m", bytes);
+    ddpm::check_disjoint(history, "history", out, "out", bytes);
+  }
   ddpm::check_clip(clip);
-  if (n == 0) return;
-  run_maybe_without_gil(n * d, [&] { ddpm::cpu::fused_step(args); });
+  A.clip = clip;
+  A.seed = ddpm::seed_arg(seed);
+  if (py::isinstance<StepTable>(coeffs)) {
+    call.table = coeffs.cast<StepTable*>();
+    call.use_counter = step.is_none();
+    if (!call.use_counter) {
+      const uint64_t i = ddpm::index_arg(step, "step index i", std::numeric_limits<uint32_t>::max(), "[0, 2^32)");
+      call.table->load_row(static_cast<int64_t>(i), A);  // checks i < rows
+    }
+  } else {
+    float row[ddpm::kNumCoefs];
+    ddpm::coeffs_arg(coeffs, row);
+    A.a = row[0], A.b = row[1], A.c = row[2], A.p = row[3], A.q = row[4], A.sigma = row[5];
+    A.step = ddpm::counter_word_arg(step, "step");
+  }
+  return call;
 }
+
+// Run a checked call: take the counter's row if it reads one, then compute (without the GIL when large).
+void run(StepCall& call) {
+  ddpm::cpu::StepArgs args = call.args;
+  if (call.use_counter) call.table->load_counter_row(args);
+  ddpm::check_history(args.c, args.h != nullptr);
+  if (args.n > 0) run_maybe_without_gil(args.n * args.d, [&] { ddpm::cpu::fused_step(args); });
+}
+
+// fused_step(x, m, out, n, d, coeffs, clip, seed, step, sample_offset[, history]), positional only, as a
+// METH_FASTCALL function: pybind11's generic dispatcher spends ~0.25 us on eleven arguments, a fifth of a whole
+// 1x1x28x28 step; converting them here costs a few tens of ns. Errors map as pybind11's would (ValueError,
+// IndexError, the pending Python error).
+template <class Int>
+Int int_arg(PyObject* o, const char* name) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw std::invalid_argument(std::string(name) + " must be an integer, got " +
+                                py::repr(py::handle(o)).cast<std::string>());
+  }
+  return static_cast<Int>(v);
+}
+
+PyObject* fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    DDPM_REQUIRE(nargs == 10 || nargs == 11,
+                 "fused_step takes 10 or 11 positional arguments (x, m, out, n, d, coeffs, clip, seed, step, "
+                 "sample_offset[, history]), got " + std::to_string(nargs));
+    const double clip = PyFloat_AsDouble(args[6]);
+    if (clip == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw std::invalid_argument("clip must be a float, got " + py::repr(py::handle(args[6])).cast<std::string>());
+    }
+    StepCall call = make_call(int_arg<std::uintptr_t>(args[0], "x"), int_arg<std::uintptr_t>(args[1], "m"),
+                              int_arg<std::uintptr_t>(args[2], "out"), int_arg<int64_t>(args[3], "n"),
+                              int_arg<int64_t>(args[4], "d"), args[5], static_cast<float>(clip), args[7], args[8],
+                              args[9], nargs == 11 ? int_arg<std::uintptr_t>(args[10], "history") : 0);
+    run(call);
+    Py_RETURN_NONE;
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+constexpr const char* kFusedStepDoc =
+    "fused_step(x, m, out, n, d, coeffs, clip, seed, step, sample_offset, history=0, /)\n\n"
+    "out = a x + b x0 + c h + sigma z, x0 = clip(p x + q m, -clip, clip), on [n, d] float32 buffers given as\n"
+    "data pointers; z = the Philox normals of (seed, step, stream 0) for global samples sample_offset + row.\n"
+    "coeffs: the row (a, b, c, p, q, sigma) with Philox step index `step`; or a StepTable: its row `step`, or\n"
+    "with step=None its counter's row (step index = counter), then counter -= 1.\n"
+    "history: 0, or an [n, d] buffer h: c h is added (never read when c == 0), then h <- x0.\n"
+    "out may equal x or m (in place); history must overlap none of them.";
+
+PyMethodDef kFusedStepDef = {"fused_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_step)),
+                             METH_FASTCALL, kFusedStepDoc};
+
+// fused_step's arguments, checked once and kept: each call runs the step again (with the table's counter, the
+// next row). Holds `keep_alive` (the tensors behind the pointers) and the table; a call returns `returns`.
+class BoundStep {
+ public:
+  BoundStep(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d, py::object coeffs,
+            float clip, py::handle seed, py::handle step, py::handle sample_offset, std::uintptr_t history,
+            py::object returns, py::object keep_alive)
+      : call_(make_call(x, m, out, n, d, coeffs, clip, seed, step, sample_offset, history)),
+        coeffs_(std::move(coeffs)), returns_(std::move(returns)), keep_alive_(std::move(keep_alive)) {}
+
+  py::object operator()() {
+    run(call_);
+    return returns_;
+  }
+
+ private:
+  StepCall call_;
+  py::object coeffs_, returns_, keep_alive_;
+};
 
 void normal(std::uintptr_t out, int64_t n, int64_t d, uint64_t seed, uint32_t step, uint32_t stream,
             uint32_t sample_offset) {
@@ -74,93 +229,6 @@ void box_muller(std::uintptr_t words, std::uintptr_t out, int64_t groups) {
   }
 }
 
-// The CPU twin of the CUDA device-counter kernel: the [rows, 5] float32 coefficient table and the step counter
-// live here, so one sampling step is a call with no arguments to convert (see BoundStep).
-class StepTable {
- public:
-  StepTable(std::uintptr_t table, int64_t rows, float clip, uint64_t seed, uint32_t sample_offset)
-      : clip_(clip), seed_(seed), sample_offset_(sample_offset) {
-    DDPM_REQUIRE(rows >= 1 && rows < (int64_t{1} << 31), "table rows must be in 1..2^31-1, got " + std::to_string(rows));
-    const float* t = ddpm::float_ptr<const float>(table, "table");
-    rows_.assign(t, t + 5 * rows);
-    for (int64_t i = 0; i < 5 * rows; ++i) ddpm::check_finite(rows_[i], "in table");
-    ddpm::check_clip(clip);
-    counter_ = rows - 1;
-  }
-
-  int64_t rows() const { return static_cast<int64_t>(rows_.size() / 5); }
-  int64_t counter() const { return counter_; }
-  void set_counter(int64_t i) {
-    DDPM_REQUIRE(i >= 0 && i < rows(), "step counter must be in 0.." + std::to_string(rows() - 1) + ", got " +
-                                           std::to_string(i));
-    counter_ = i;
-  }
-
-  // ddpm::cpu::StepArgs for row [counter] on the given buffers (checked), then counter -= 1.
-  ddpm::cpu::StepArgs next(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d) {
-    if (counter_ < 0 || counter_ >= rows()) {
-      throw py::index_error("step counter " + std::to_string(counter_) + " is outside the table 0.." +
-                            std::to_string(rows() - 1) + " (more steps run than the table has?)");
-    }
-    const float* r = rows_.data() + 5 * counter_;
-    ddpm::cpu::StepArgs args{reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(m),
-                             reinterpret_cast<float*>(out), n, d, r[0], r[1], r[2], r[3], r[4], clip_, seed_,
-                             static_cast<uint32_t>(counter_), sample_offset_};
-    --counter_;
-    return args;
-  }
-
-  static void check_buffers(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d,
-                            uint32_t sample_offset) {
-    ddpm::check_sizes(n, d, sample_offset);
-    ddpm::float_ptr<const float>(x, "x");
-    ddpm::float_ptr<const float>(m, "m");
-    ddpm::float_ptr<float>(out, "out");
-    const uint64_t bytes = static_cast<uint64_t>(n * d) * sizeof(float);
-    ddpm::check_no_partial_overlap(out, "out", x, "x", bytes);
-    ddpm::check_no_partial_overlap(out, "out", m, "m", bytes);
-  }
-
-  void step(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d) {
-    check_buffers(x, m, out, n, d, sample_offset_);
-    const ddpm::cpu::StepArgs args = next(x, m, out, n, d);
-    if (n > 0) run_maybe_without_gil(n * d, [&] { ddpm::cpu::fused_step(args); });
-  }
-
-  uint32_t sample_offset() const { return sample_offset_; }
-
- private:
-  std::vector<float> rows_;
-  float clip_;
-  uint64_t seed_;
-  uint32_t sample_offset_;
-  int64_t counter_ = 0;
-};
-
-// A StepTable bound to three buffers, checked once: calling it runs the step of row [counter] and decrements
-// the counter. It holds references to the Python tensors, so the buffers outlive it.
-class BoundStep {
- public:
-  BoundStep(std::shared_ptr<StepTable> table, py::object x, py::object m, py::object out, std::uintptr_t x_ptr,
-            std::uintptr_t m_ptr, std::uintptr_t out_ptr, int64_t n, int64_t d)
-      : table_(std::move(table)), x_(std::move(x)), m_(std::move(m)), out_(std::move(out)),
-        x_ptr_(x_ptr), m_ptr_(m_ptr), out_ptr_(out_ptr), n_(n), d_(d) {
-    StepTable::check_buffers(x_ptr, m_ptr, out_ptr, n, d, table_->sample_offset());
-  }
-
-  py::object operator()() {
-    const ddpm::cpu::StepArgs args = table_->next(x_ptr_, m_ptr_, out_ptr_, n_, d_);
-    if (n_ > 0) run_maybe_without_gil(n_ * d_, [&] { ddpm::cpu::fused_step(args); });
-    return out_;
-  }
-
- private:
-  std::shared_ptr<StepTable> table_;
-  py::object x_, m_, out_;
-  std::uintptr_t x_ptr_, m_ptr_, out_ptr_;
-  int64_t n_, d_;
-};
-
 std::array<uint32_t, 4> philox(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
   ddpm::philox4x32_10(counter[0], counter[1], counter[2], counter[3], key[0], key[1]);
   return counter;
@@ -170,12 +238,7 @@ std::array<uint32_t, 4> philox(std::array<uint32_t, 4> counter, std::array<uint3
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ddpm CPU kernels (C++17, OpenMP, SIMD): the fused reverse step and Philox4x32-10 normals";
-  m.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("n"), py::arg("d"),
-        py::arg("a"), py::arg("b"), py::arg("p"), py::arg("q"), py::arg("sigma"), py::arg("clip"), py::arg("seed"),
-        py::arg("step"), py::arg("sample_offset"),
-        "out = a x + b clip(p x + q m, -clip, clip) + sigma z on [n, d] float32 buffers given as data pointers;\n"
-        "z = the Philox normals of (seed, step, stream 0) for global samples sample_offset .. sample_offset+n-1.\n"
-        "out may equal x or m (in place).");
+  m.add_object("fused_step", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&kFusedStepDef, nullptr, nullptr)));
   m.def("normal", &normal, py::arg("out"), py::arg("n"), py::arg("d"), py::arg("seed"), py::arg("step"),
         py::arg("stream"), py::arg("sample_offset"),
         "Fill the [n, d] float32 buffer at `out` with the N(0, 1) draws of (seed, step, stream).");
@@ -192,25 +255,18 @@ PYBIND11_MODULE(_C, m) {
       "Test hook: the Philox words [count * 4] of counters (c0 + i, sample, step, stream), by the SIMD variant in use.");
   m.def("box_muller", &box_muller, py::arg("words"), py::arg("out"), py::arg("groups"),
         "Test hook: the normals of given Philox words ([groups, 4] uint32 -> [groups, 4] float32 buffers).");
-  py::class_<StepTable, std::shared_ptr<StepTable>>(m, "StepTable",
-                                                   "Coefficient table [rows, 5] + step counter for CPU sampling loops.")
-      .def(py::init<std::uintptr_t, int64_t, float, uint64_t, uint32_t>(), py::arg("table"), py::arg("rows"),
-           py::arg("clip"), py::arg("seed"), py::arg("sample_offset"))
+  py::class_<StepTable>(m, "StepTable", "A [rows, 6] float32 coefficient table (copied, checked) + a step counter.")
+      .def(py::init<std::uintptr_t, int64_t>(), py::arg("table"), py::arg("rows"))
       .def_property_readonly("rows", &StepTable::rows)
       .def_property_readonly("counter", &StepTable::counter)
-      .def("set_counter", &StepTable::set_counter, py::arg("i"))
-      .def("step", &StepTable::step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("n"), py::arg("d"),
-           "Fused step of row [counter] (step index = counter) on the buffers, then counter -= 1.")
-      .def(
-          "bind",
-          [](const std::shared_ptr<StepTable>& self, py::object x, py::object m, py::object out,
-             std::uintptr_t x_ptr, std::uintptr_t m_ptr, std::uintptr_t out_ptr, int64_t n, int64_t d) {
-            return BoundStep(self, std::move(x), std::move(m), std::move(out), x_ptr, m_ptr, out_ptr, n, d);
-          },
-          py::arg("x"), py::arg("m"), py::arg("out"), py::arg("x_ptr"), py::arg("m_ptr"), py::arg("out_ptr"),
-          py::arg("n"), py::arg("d"));
-  py::class_<BoundStep>(m, "BoundStep", "A StepTable bound to (x, m, out); call it once per step.")
-      .def("__call__", &BoundStep::operator());
+      .def("set_counter", &StepTable::set_counter, py::arg("i"));
+  py::class_<BoundStep>(m, "BoundStep", "fused_step's arguments, checked once; call it to run the step again.")
+      .def(py::init<std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, py::object, float, py::handle,
+                    py::handle, py::handle, std::uintptr_t, py::object, py::object>(),
+           py::arg("x"), py::arg("m"), py::arg("out"), py::arg("n"), py::arg("d"), py::arg("coeffs"), py::arg("clip"),
+           py::arg("seed"), py::arg("step"), py::arg("sample_offset"), py::arg("history") = 0, py::kw_only(),
+           py::arg("returns") = py::none(), py::arg("keep_alive") = py::none())
+      .def("__call__", &BoundStep::operator(), "Run the step; returns `returns`.");
   m.def("parallel_threshold", &ddpm::cpu::parallel_threshold,
         "Elements (noise-weighted) below which a call runs on one thread.");
   m.def("set_parallel_threshold", &ddpm::cpu::set_parallel_threshold, py::arg("elements"));

@@ -1,14 +1,16 @@
 // ddpm._C_cuda: the CUDA extension, kept apart so importing ddpm._C never needs a CUDA runtime.
 //
 // Like ddpm._C, it takes data pointers, sizes, the device index and the cudaStream_t as plain integers (no
-// libtorch link). The CUDA runtime is linked statically; it keeps its own "current device", so every launch
-// names its device explicitly.
+// libtorch link), and checks all of them here (the Python front checks only tensors). One step entry, fused_step:
+// the coefficient row by value, or a DeviceTable read at its device counter. The CUDA runtime is linked
+// statically; it keeps its own "current device", so every launch names its device explicitly.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 
 #include "checks.h"
+#include "py_args.h"
 #include "step_cuda.h"
 
 #ifndef DDPM_CUDA_COMPILER
@@ -26,54 +28,79 @@ void check_device(int device) {
                     std::to_string(device));
 }
 
-void fused_step(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d, float a, float b,
-                float p, float q, float sigma, float clip, uint64_t seed, uint32_t step, uint32_t sample_offset,
-                int device, std::uintptr_t stream) {
-  ddpm::check_sizes(n, d, sample_offset);
-  const uint64_t bytes = static_cast<uint64_t>(n * d) * sizeof(float);
-  ddpm::check_no_partial_overlap(out, "out", x, "x", bytes);
-  ddpm::check_no_partial_overlap(out, "out", m, "m", bytes);
-  ddpm::check_finite(a, "a");
-  ddpm::check_finite(b, "b");
-  ddpm::check_finite(p, "p");
-  ddpm::check_finite(q, "q");
-  ddpm::check_finite(sigma, "sigma");
-  ddpm::check_clip(clip);
-  check_device(device);
-  ddpm::cuda::StepLaunch launch{ddpm::float_ptr<const float>(x, "x"), ddpm::float_ptr<const float>(m, "m"),
-                                ddpm::float_ptr<float>(out, "out"), n, d, a, b, p, q, sigma, nullptr, nullptr, 0,
-                                clip, seed, step, sample_offset, device, stream};
-  ddpm::cuda::fused_step(launch);
-}
+// A [rows, 6] float32 coefficient table and an int32 step counter in device memory (buffers the Python front
+// allocates and keeps alive): the constructor checks the host rows, uploads them and sets the counter to rows - 1.
+// The kernel reads row [*counter] and decrements it, so one captured CUDA graph replays every step.
+class DeviceTable {
+ public:
+  DeviceTable(std::uintptr_t host_table, int64_t rows, std::uintptr_t table, std::uintptr_t counter, int device)
+      : table_(ddpm::float_ptr<float>(table, "table")), rows_(rows), device_(device) {
+    const float* host = ddpm::float_ptr<const float>(host_table, "host_table");
+    ddpm::check_table(host, rows);
+    for (int64_t i = 0; i < rows; ++i) needs_history_ = needs_history_ || host[ddpm::kNumCoefs * i + 2] != 0.0f;
+    DDPM_REQUIRE(counter != 0 && counter % alignof(int) == 0, "counter must be a non-null, 4-byte aligned int32 pointer");
+    counter_ = reinterpret_cast<int*>(counter);
+    check_device(device);
+    ddpm::cuda::upload_table(host, rows, table_, counter_, device);
+  }
 
-void fused_step_table(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d,
-                      std::uintptr_t table, int64_t table_rows, std::uintptr_t counter, float clip, uint64_t seed,
-                      uint32_t sample_offset, int device, std::uintptr_t stream) {
-  ddpm::check_sizes(n, d, sample_offset);
+  int64_t rows() const { return rows_; }
+  float* table() const { return table_; }
+  int* counter() const { return counter_; }
+  int device() const { return device_; }
+  bool needs_history() const { return needs_history_; }  // some row has c != 0
+
+ private:
+  float* table_;
+  int* counter_ = nullptr;
+  int64_t rows_;
+  int device_;
+  bool needs_history_ = false;
+};
+
+void fused_step(std::uintptr_t x, std::uintptr_t m, std::uintptr_t out, int64_t n, int64_t d, py::handle coeffs,
+                float clip, py::handle seed, py::handle step, py::handle sample_offset, std::uintptr_t history,
+                int device, std::uintptr_t stream) {
+  ddpm::cuda::StepLaunch L{};
+  L.sample_offset = ddpm::counter_word_arg(sample_offset, "sample_offset");
+  ddpm::check_sizes(n, d, L.sample_offset);
+  L.x = ddpm::float_ptr<const float>(x, "x");
+  L.m = ddpm::float_ptr<const float>(m, "m");
+  L.out = ddpm::float_ptr<float>(out, "out");
+  L.n = n, L.d = d;
   const uint64_t bytes = static_cast<uint64_t>(n * d) * sizeof(float);
   ddpm::check_no_partial_overlap(out, "out", x, "x", bytes);
   ddpm::check_no_partial_overlap(out, "out", m, "m", bytes);
+  if (history != 0) {
+    L.h = ddpm::float_ptr<float>(history, "history");
+    ddpm::check_disjoint(history, "history", x, "x", bytes);
+    ddpm::check_disjoint(history, "history", m, "m", bytes);
+    ddpm::check_disjoint(history, "history", out, "out", bytes);
+  }
   ddpm::check_clip(clip);
-  DDPM_REQUIRE(table_rows >= 1 && table_rows <= (int64_t{1} << 31) - 1,
-                "table_rows must be in 1..2^31-1, got " + std::to_string(table_rows));
-  DDPM_REQUIRE(counter != 0 && counter % alignof(int) == 0, "counter must be a non-null, 4-byte aligned int32 pointer");
+  L.clip = clip;
+  L.seed = ddpm::seed_arg(seed);
   check_device(device);
-  ddpm::cuda::StepLaunch launch{ddpm::float_ptr<const float>(x, "x"),
-                                ddpm::float_ptr<const float>(m, "m"),
-                                ddpm::float_ptr<float>(out, "out"),
-                                n,
-                                d,
-                                0.f, 0.f, 0.f, 0.f, 0.f,
-                                ddpm::float_ptr<const float>(table, "table"),
-                                reinterpret_cast<int*>(counter),
-                                table_rows,
-                                clip,
-                                seed,
-                                0u,
-                                sample_offset,
-                                device,
-                                stream};
-  ddpm::cuda::fused_step(launch);
+  L.device = device;
+  L.stream = stream;
+  if (py::isinstance<DeviceTable>(coeffs)) {
+    const auto* t = coeffs.cast<const DeviceTable*>();
+    DDPM_REQUIRE(step.is_none(), "step must be None with a DeviceTable (the device counter is the step index)");
+    DDPM_REQUIRE(t->device() == device, "the DeviceTable is on device " + std::to_string(t->device()) +
+                                            " but the buffers are on device " + std::to_string(device));
+    L.table = t->table();
+    L.counter = t->counter();
+    L.table_rows = t->rows();
+    DDPM_REQUIRE(!t->needs_history() || history != 0,
+                 "the DeviceTable has rows with c != 0: they need a history buffer (the previous x0_hat)");
+  } else {
+    float row[ddpm::kNumCoefs];
+    ddpm::coeffs_arg(coeffs, row);
+    L.a = row[0], L.b = row[1], L.c = row[2], L.p = row[3], L.q = row[4], L.sigma = row[5];
+    L.step = ddpm::counter_word_arg(step, "step");
+    ddpm::check_history(L.c, history != 0);
+  }
+  ddpm::cuda::fused_step(L);
 }
 
 void normal(std::uintptr_t out, int64_t n, int64_t d, uint64_t seed, uint32_t step, uint32_t stream_id,
@@ -90,14 +117,15 @@ void normal(std::uintptr_t out, int64_t n, int64_t d, uint64_t seed, uint32_t st
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "ddpm CUDA kernels: the fused reverse step (also from a device coefficient table) and Philox normals";
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("n"), py::arg("d"),
-        py::arg("a"), py::arg("b"), py::arg("p"), py::arg("q"), py::arg("sigma"), py::arg("clip"), py::arg("seed"),
-        py::arg("step"), py::arg("sample_offset"), py::arg("device"), py::arg("stream"),
-        "As ddpm._C.fused_step, on device buffers, launched asynchronously on `stream` (a cudaStream_t).");
-  m.def("fused_step_table", &fused_step_table, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("n"),
-        py::arg("d"), py::arg("table"), py::arg("table_rows"), py::arg("counter"), py::arg("clip"), py::arg("seed"),
-        py::arg("sample_offset"), py::arg("device"), py::arg("stream"),
-        "Fused step with row i = *counter of the device table [table_rows, 5] as (a, b, p, q, sigma) and step\n"
-        "index i; then decrements *counter. Capture it once in a CUDA graph and replay it for every step.");
+        py::arg("coeffs"), py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("sample_offset"),
+        py::arg("history"), py::arg("device"), py::arg("stream"),
+        "As ddpm._C.fused_step, on device buffers, launched asynchronously on `stream` (a cudaStream_t).\n"
+        "coeffs: the row (a, b, c, p, q, sigma) with Philox step index `step`; or a DeviceTable with step=None:\n"
+        "row i = *counter, step index i, then *counter -= 1 on the device (replay one captured graph per step).");
+  py::class_<DeviceTable>(m, "DeviceTable", "A [rows, 6] coefficient table + int32 step counter in device memory.")
+      .def(py::init<std::uintptr_t, int64_t, std::uintptr_t, std::uintptr_t, int>(), py::arg("host_table"),
+           py::arg("rows"), py::arg("table"), py::arg("counter"), py::arg("device"))
+      .def_property_readonly("rows", &DeviceTable::rows);
   m.def("normal", &normal, py::arg("out"), py::arg("n"), py::arg("d"), py::arg("seed"), py::arg("step"),
         py::arg("stream_id"), py::arg("sample_offset"), py::arg("device"), py::arg("stream"),
         "Fill the [n, d] float32 device buffer with the N(0, 1) draws of (seed, step, stream_id).");

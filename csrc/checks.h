@@ -1,6 +1,7 @@
-// Argument checks shared by the CPU and CUDA bindings. The Python front checks tensors by name first (dtype,
-// contiguity, device, shape); these are the C++ side's own sanity checks on the raw pointers and sizes it is
-// handed, so that a wrong call from anywhere is an exception, never a wild write.
+// Argument checks shared by the CPU and CUDA bindings. The Python front checks tensors (dtype, contiguity, device,
+// shape) and nothing else; everything it hands over as plain numbers - pointers, sizes, coefficients, the clip
+// bound, the Philox counter words - is checked here, once, by name, so that a wrong call from anywhere is an
+// exception, never a wild write.
 #pragma once
 
 #include <cmath>
@@ -35,7 +36,7 @@ inline void check_sizes(int64_t n, int64_t d, uint32_t sample_offset) {
   DDPM_REQUIRE((d + 3) / 4 <= (int64_t{1} << 32),
           "d (elements per sample) must be <= 2^34: the Philox counter word for the element is 32-bit");
   DDPM_REQUIRE(static_cast<uint64_t>(sample_offset) + static_cast<uint64_t>(n) <= (uint64_t{1} << 32),
-          "sample_offset + n must be <= 2^32 (global sample index is a 32-bit counter word), got " +
+          "sample_offset + N must be <= 2^32 (the global sample index is a 32-bit counter word), got " +
               std::to_string(sample_offset) + " + " + std::to_string(n));
 }
 
@@ -47,8 +48,36 @@ inline void check_no_partial_overlap(std::uintptr_t a, const char* name_a, std::
                                   " overlap without being the same buffer (in-place needs out to be exactly x or m)");
 }
 
+// h (history) is read and written in the same pass as x, m and out, so it may not share a byte with any of them.
+inline void check_disjoint(std::uintptr_t a, const char* name_a, std::uintptr_t b, const char* name_b,
+                           uint64_t bytes) {
+  DDPM_REQUIRE(!(a < b + bytes && b < a + bytes),
+               std::string(name_a) + " must not overlap " + name_b + " (history needs its own buffer)");
+}
+
+// A row with c != 0 adds c h: it needs the history buffer h (the kernels would otherwise drop the term).
+inline void check_history(float c, bool have_history) {
+  DDPM_REQUIRE(c == 0.0f || have_history,
+               "coefficient c = " + std::to_string(c) + " != 0 needs a history buffer (the previous x0_hat)");
+}
+
+// The six coefficients of a step, in table column order (ddpm.schedule.COEF_A .. COEF_SIGMA).
+constexpr int kNumCoefs = 6;
+constexpr const char* kCoefNames[kNumCoefs] = {"a", "b", "c", "p", "q", "sigma"};
+
 inline void check_finite(float v, const char* name) {
   DDPM_REQUIRE(std::isfinite(v), std::string("coefficient ") + name + " is not finite: " + std::to_string(v));
+}
+
+// A [rows, 6] coefficient table, every entry finite; the message names the column and the row.
+inline void check_table(const float* table, int64_t rows) {
+  DDPM_REQUIRE(rows >= 1 && rows < (int64_t{1} << 31),
+               "table rows must be in 1..2^31-1, got " + std::to_string(rows));
+  for (int64_t i = 0; i < rows * kNumCoefs; ++i) {
+    DDPM_REQUIRE(std::isfinite(table[i]), std::string("coefficient ") + kCoefNames[i % kNumCoefs] + " of table row " +
+                                              std::to_string(i / kNumCoefs) + " is not finite: " +
+                                              std::to_string(table[i]));
+  }
 }
 
 inline void check_clip(float clip) {

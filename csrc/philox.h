@@ -1,6 +1,6 @@
 // Philox4x32-10 and the Box-Muller map to N(0, 1), shared verbatim by the CPU and CUDA kernels.
 //
-// DESIGN.md "Noise": key = (seed mod 2^32, seed div 2^32); counter = (element_in_sample / 4, sample_index,
+// docs/design.md, "Noise": key = (seed mod 2^32, seed div 2^32); counter = (element_in_sample / 4, sample_index,
 // step_index, stream); element j of a sample takes output word j mod 4 after Box-Muller on the pairs
 // (w0, w1), (w2, w3): u = (w + 0.5) 2^-32, r = sqrt(-2 ln u_a), z_a = r cos(2 pi u_b), z_b = r sin(2 pi u_b).
 //

@@ -7,10 +7,12 @@
 //      philox.h round under `omp simd` elsewhere);
 //   2. Box-Muller (philox.h's polynomials), a `#pragma omp simd` loop across groups that the compiler
 //      vectorises, writing the tile's z in element order (one 4-way interleave, on the store);
-//   3. affine_run: a contiguous `#pragma omp simd` loop over the tile's elements: out = a x + b clip(.) + sigma z.
+//   3. affine_run: a contiguous `#pragma omp simd` loop over the tile's elements: out = a x + b x0 [+ c h] + sigma z
+//      (and h <- x0 when a history buffer is given).
 // GCC reports loops 2 and 3 vectorised with 64/32/16-byte vectors in the AVX-512/AVX2/baseline variants (build
 // with -DDDPM_VEC_REPORT=ON). A sample's last, partial group (d not a multiple of 4) is one scalar Philox call.
-// Steps with sigma = 0 draw no noise at all.
+// Steps with sigma = 0 draw no noise at all. The history operand is a template parameter too, so the DDPM/DDIM loop
+// (no h) compiles to exactly the loop it was before h existed, and c == 0 with h only adds the store of x0.
 //
 // The range functions are compiled three times with different target attributes (x86-64-v4 with 512-bit
 // vectors, x86-64-v3 = AVX2 + FMA, and the baseline) and picked once at run time from the CPU's features, so one
@@ -78,14 +80,29 @@ DDPM_HD void normal_groups(float* z, uint32_t c0, uint32_t count, uint32_t sampl
   }
 }
 
+// How a step touches the history buffer h: not at all, store x0 only (c == 0: h is never read, it may hold
+// garbage), or read c h and then store x0.
+enum class Hist { kNone, kStore, kReadStore };
+
 // The affine update of elements [0, count) given their noise z (ignored when kNoise is false: sigma = 0).
-// No __restrict on x/out: out may be x (in place); every iteration reads and writes only its own element.
-template <bool kNoise>
-DDPM_HD void affine_run(const float* x, const float* m, const float* z, float* out, int64_t count, float a, float b,
-                        float p, float q, float sigma, float clip) {
+// No __restrict on x/out: out may be x (in place); every iteration reads its own x, m (and h) before writing.
+template <bool kNoise, Hist kHist>
+DDPM_HD void affine_run(const StepArgs& A, int64_t e0, const float* z, int64_t count) {
+  const float *x = A.x + e0, *m = A.m + e0;
+  float *out = A.out + e0, *h = kHist == Hist::kNone ? nullptr : A.h + e0;
+  const float a = A.a, b = A.b, c = A.c, p = A.p, q = A.q, sigma = A.sigma, clip = A.clip;
 #pragma omp simd
   for (int64_t e = 0; e < count; ++e) {
-    out[e] = affine(x[e], m[e], kNoise ? z[e] : 0.0f, a, b, p, q, sigma, clip);
+    const float xe = x[e];
+    const float x0 = x0_hat(xe, m[e], p, q, clip);
+    const float ze = kNoise ? z[e] : 0.0f;
+    if constexpr (kHist == Hist::kReadStore) {
+      out[e] = affine_history(xe, x0, h[e], ze, a, b, c, sigma);
+    } else {
+      (void)c;
+      out[e] = affine(xe, x0, ze, a, b, sigma);
+    }
+    if constexpr (kHist != Hist::kNone) h[e] = x0;
   }
 }
 
@@ -102,7 +119,7 @@ DDPM_HD RowSpan row_span(int64_t g, int64_t g_end, int64_t groups) {
 
 // Groups [g_begin, g_end) of the fused step. kNoise = false when sigma == 0 (DDPM's last step, deterministic
 // DDIM): then no random numbers are drawn at all.
-template <Isa kIsa, bool kNoise>
+template <Isa kIsa, bool kNoise, Hist kHist>
 DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
   const int64_t d = A.d, full = d / 4;
   const uint32_t k0 = static_cast<uint32_t>(A.seed), k1 = static_cast<uint32_t>(A.seed >> 32);
@@ -111,7 +128,7 @@ DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
     g += c_end - c_begin;
     if constexpr (!kNoise) {
       const int64_t e = row * d + 4 * c_begin, n_elems = std::min(d, 4 * c_end) - 4 * c_begin;
-      affine_run<false>(A.x + e, A.m + e, nullptr, A.out + e, n_elems, A.a, A.b, A.p, A.q, A.sigma, A.clip);
+      affine_run<false, kHist>(A, e, nullptr, n_elems);
     } else {
       const uint32_t sample = A.sample_offset + static_cast<uint32_t>(row);
       alignas(64) float z[4 * kTile];
@@ -125,7 +142,7 @@ DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
           normal4(static_cast<uint32_t>(full), sample, A.step, kStreamStep, k0, k1, t[0], t[1], t[2], t[3]);
         }
         const int64_t e = row * d + 4 * c, n_elems = std::min(d, 4 * (c + n_groups)) - 4 * c;
-        affine_run<true>(A.x + e, A.m + e, z, A.out + e, n_elems, A.a, A.b, A.p, A.q, A.sigma, A.clip);
+        affine_run<true, kHist>(A, e, z, n_elems);
       }
     }
   }
@@ -182,9 +199,16 @@ using StepFn = void (*)(const StepArgs&, int64_t, int64_t);
 using NormalFn = void (*)(const NormalArgs&, int64_t, int64_t);
 using WordsFn = void (*)(uint32_t*, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t);
 
+// step_{plain,noise}_{none,store,read}_<isa>: without/with noise x the three history modes, one function each.
+#define DDPM_STEP_FN(SUFFIX, ISA, ATTR, NOISE, HIST, NAME)                                                      \
+  ATTR void NAME##_##SUFFIX(const StepArgs& A, int64_t b, int64_t e) { step_range<ISA, NOISE, HIST>(A, b, e); }
 #define DDPM_DEFINE_VARIANT(SUFFIX, ISA, ATTR)                                                                     \
-  ATTR void step_noise_##SUFFIX(const StepArgs& A, int64_t b, int64_t e) { step_range<ISA, true>(A, b, e); }  \
-  ATTR void step_plain_##SUFFIX(const StepArgs& A, int64_t b, int64_t e) { step_range<ISA, false>(A, b, e); } \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kNone, step_plain_none)                                               \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kStore, step_plain_store)                                             \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kReadStore, step_plain_read)                                          \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kNone, step_noise_none)                                                \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kStore, step_noise_store)                                              \
+  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kReadStore, step_noise_read)                                           \
   ATTR void normal_##SUFFIX(const NormalArgs& A, int64_t b, int64_t e) { normal_range<ISA>(A, b, e); }        \
   ATTR void words_##SUFFIX(uint32_t* o, uint32_t c0, uint32_t n, uint32_t s, uint32_t t, uint32_t k, uint32_t k0, \
                            uint32_t k1) {                                                                        \
@@ -198,19 +222,26 @@ DDPM_DEFINE_VARIANT(avx512, Isa::kAvx512, __attribute__((target("arch=x86-64-v4,
 #endif
 
 struct Kernels {
-  StepFn step_noise, step_plain;
+  StepFn step[2][3];  // [noise][Hist]
   NormalFn normal;
   WordsFn words;
   const char* name;
 };
 
+#define DDPM_KERNELS(SUFFIX, NAME)                                                                             \
+  Kernels {                                                                                                    \
+    {{step_plain_none_##SUFFIX, step_plain_store_##SUFFIX, step_plain_read_##SUFFIX},                                      \
+     {step_noise_none_##SUFFIX, step_noise_store_##SUFFIX, step_noise_read_##SUFFIX}},                                     \
+        normal_##SUFFIX, words_##SUFFIX, NAME                                                                  \
+  }
+
 Kernels kernels_named(const std::string& name) {
 #if DDPM_X86_DISPATCH
-  if (name == "avx512") return {step_noise_avx512, step_plain_avx512, normal_avx512, words_avx512, "avx512"};
-  if (name == "avx2") return {step_noise_avx2, step_plain_avx2, normal_avx2, words_avx2, "avx2"};
+  if (name == "avx512") return DDPM_KERNELS(avx512, "avx512");
+  if (name == "avx2") return DDPM_KERNELS(avx2, "avx2");
 #endif
   (void)name;
-  return {step_noise_base, step_plain_base, normal_base, words_base, "baseline"};
+  return DDPM_KERNELS(base, "baseline");
 }
 
 // The best variant this CPU runs (x86: from CPUID via __builtin_cpu_supports).
@@ -268,7 +299,8 @@ void parallel_groups(int64_t total_groups, int64_t cost, Body&& body) {
 void fused_step(const StepArgs& args) {
   const int64_t total = args.n * ((args.d + 3) / 4);
   const bool noise = args.sigma != 0.0f;
-  const StepFn fn = noise ? kernels().step_noise : kernels().step_plain;
+  const Hist hist = args.h == nullptr ? Hist::kNone : args.c == 0.0f ? Hist::kStore : Hist::kReadStore;
+  const StepFn fn = kernels().step[noise][static_cast<int>(hist)];
   // Without noise a step is a few flops per element: worth threads only at ~8x the size.
   const int64_t cost = noise ? args.n * args.d : args.n * args.d / 8;
   parallel_groups(total, cost, [&](int64_t lo, int64_t hi) { fn(args, lo, hi); });

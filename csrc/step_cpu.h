@@ -7,16 +7,19 @@
 
 namespace ddpm::cpu {
 
-// out = a x + b clip(p x + q m, -clip, clip) + sigma z over n samples of d elements each (row-major
-// [n, d], float32, contiguous); z = normal(seed, step, stream 0, global sample index sample_offset + row).
-// out may be x or m (in place); no other overlap. sigma == 0 skips the noise; clip = +inf disables clipping.
+// out = a x + b x0 + c h + sigma z with x0 = clip(p x + q m, -clip, clip), over n samples of d elements each
+// (row-major [n, d], float32, contiguous); z = normal(seed, step, stream 0, global sample sample_offset + row).
+// With a history buffer h (same layout), h <- x0 in the same pass, after its old value is read; c == 0 never
+// reads h (it may hold garbage). out may be x or m (in place); h overlaps none of x, m, out.
+// sigma == 0 skips the noise; clip = +inf disables clipping.
 struct StepArgs {
   const float* x;
   const float* m;
   float* out;
+  float* h;  // nullptr: no history
   int64_t n;
   int64_t d;
-  float a, b, p, q, sigma, clip;
+  float a, b, c, p, q, sigma, clip;
   uint64_t seed;
   uint32_t step;
   uint32_t sample_offset;

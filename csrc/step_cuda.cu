@@ -21,7 +21,7 @@ namespace {
 // ------------------------------------------------------------------------------------------------- kernels
 
 struct Row {
-  float a, b, p, q, sigma;
+  float a, b, c, p, q, sigma;
 };
 
 struct Geometry {
@@ -32,24 +32,26 @@ struct Geometry {
 
 // Fused step. With `table`, the coefficient row and the step index come from the device counter (CUDA graphs:
 // the graph's kernel arguments never change, the counter does); a counter outside the table writes NaN so that
-// the sampling loop's finiteness check stops the run instead of reading out of bounds.
+// the sampling loop's finiteness check stops the run instead of reading out of bounds. Whether h is read depends
+// on the row's c, known only here: a grid-uniform branch, so c == 0 never touches the old h.
 // No __restrict__ on x, m, out: out may be x or m (in place); each thread reads its group before writing it.
 template <bool kVec>
-__global__ void fused_step_kernel(const float* x, const float* m, float* out, Geometry geo,
+__global__ void fused_step_kernel(const float* x, const float* m, float* out, float* __restrict__ h, Geometry geo,
                                   Row row, const float* __restrict__ table, const int* __restrict__ counter,
                                   int64_t table_rows, float clip, uint32_t k0, uint32_t k1, uint32_t step,
                                   uint32_t sample_offset) {
   if (table != nullptr) {
     const int i = *counter;
     if (i >= 0 && i < table_rows) {
-      const float* r = table + 5 * static_cast<int64_t>(i);
-      row = Row{r[0], r[1], r[2], r[3], r[4]};
+      const float* r = table + 6 * static_cast<int64_t>(i);
+      row = Row{r[0], r[1], r[2], r[3], r[4], r[5]};
       step = static_cast<uint32_t>(i);
     } else {
-      row = Row{NAN, NAN, NAN, NAN, 0.0f};
+      row = Row{NAN, NAN, NAN, NAN, NAN, 0.0f};
     }
   }
-  const bool noise = row.sigma != 0.0f;  // uniform across the grid: no divergence
+  const bool noise = row.sigma != 0.0f;          // uniform across the grid: no divergence
+  const bool read_h = h != nullptr && row.c != 0.0f;  // likewise
   // 64-bit loop variable: g + stride must not wrap around 2^32 back into the range.
   for (uint64_t gg = blockIdx.x * blockDim.x + threadIdx.x; gg < geo.total; gg += gridDim.x * blockDim.x) {
     const uint32_t g = static_cast<uint32_t>(gg);  // < 2^32; 32-bit division is much cheaper
@@ -58,19 +60,32 @@ __global__ void fused_step_kernel(const float* x, const float* m, float* out, Ge
     float z[4] = {0.f, 0.f, 0.f, 0.f};
     if (noise) normal4(c, sample_offset + s, step, kStreamStep, k0, k1, z[0], z[1], z[2], z[3]);
     if constexpr (kVec) {
-      // x and m are read before out is written, so out == x (in place) is fine.
+      // x and m (and h) are read before out (and h) are written, so out == x (in place) is fine.
       const float4 xv = *reinterpret_cast<const float4*>(x + e);
       const float4 mv = *reinterpret_cast<const float4*>(m + e);
-      float4 o;
-      o.x = affine(xv.x, mv.x, z[0], row.a, row.b, row.p, row.q, row.sigma, clip);
-      o.y = affine(xv.y, mv.y, z[1], row.a, row.b, row.p, row.q, row.sigma, clip);
-      o.z = affine(xv.z, mv.z, z[2], row.a, row.b, row.p, row.q, row.sigma, clip);
-      o.w = affine(xv.w, mv.w, z[3], row.a, row.b, row.p, row.q, row.sigma, clip);
-      *reinterpret_cast<float4*>(out + e) = o;
+      const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, ms[4] = {mv.x, mv.y, mv.z, mv.w};
+      float hs[4] = {0.f, 0.f, 0.f, 0.f};
+      if (read_h) {
+        const float4 hv = *reinterpret_cast<const float4*>(h + e);
+        hs[0] = hv.x, hs[1] = hv.y, hs[2] = hv.z, hs[3] = hv.w;
+      }
+      float x0[4], o[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        x0[k] = x0_hat(xs[k], ms[k], row.p, row.q, clip);
+        o[k] = read_h ? affine_history(xs[k], x0[k], hs[k], z[k], row.a, row.b, row.c, row.sigma)
+                      : affine(xs[k], x0[k], z[k], row.a, row.b, row.sigma);
+      }
+      *reinterpret_cast<float4*>(out + e) = make_float4(o[0], o[1], o[2], o[3]);
+      if (h != nullptr) *reinterpret_cast<float4*>(h + e) = make_float4(x0[0], x0[1], x0[2], x0[3]);
     } else {
       const int k_end = static_cast<int>(geo.d - 4 * static_cast<int64_t>(c) < 4 ? geo.d - 4 * static_cast<int64_t>(c) : 4);
       for (int k = 0; k < k_end; ++k) {
-        out[e + k] = affine(x[e + k], m[e + k], z[k], row.a, row.b, row.p, row.q, row.sigma, clip);
+        const float xk = x[e + k];
+        const float x0 = x0_hat(xk, m[e + k], row.p, row.q, clip);
+        out[e + k] = read_h ? affine_history(xk, x0, h[e + k], z[k], row.a, row.b, row.c, row.sigma)
+                            : affine(xk, x0, z[k], row.a, row.b, row.sigma);
+        if (h != nullptr) h[e + k] = x0;
       }
     }
   }
@@ -140,16 +155,17 @@ void fused_step(const StepLaunch& L) {
   if (L.table != nullptr && L.counter == nullptr) throw std::invalid_argument("a coefficient table needs a counter");
   check(cudaSetDevice(L.device), "cudaSetDevice");  // our (static) runtime keeps its own current device
   const auto stream = reinterpret_cast<cudaStream_t>(L.stream);
-  const bool vec = L.d % 4 == 0 && aligned16(L.x) && aligned16(L.m) && aligned16(L.out);
-  const Row row{L.a, L.b, L.p, L.q, L.sigma};
+  const bool vec = L.d % 4 == 0 && aligned16(L.x) && aligned16(L.m) && aligned16(L.out) &&
+                   (L.h == nullptr || aligned16(L.h));
+  const Row row{L.a, L.b, L.c, L.p, L.q, L.sigma};
   const uint32_t k0 = static_cast<uint32_t>(L.seed), k1 = static_cast<uint32_t>(L.seed >> 32);
   if (geo.total > 0) {
     const unsigned blocks = blocks_for(geo.total, L.device);
     if (vec) {
-      fused_step_kernel<true><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, geo, row, L.table, L.counter,
+      fused_step_kernel<true><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, L.h, geo, row, L.table, L.counter,
                                                                L.table_rows, L.clip, k0, k1, L.step, L.sample_offset);
     } else {
-      fused_step_kernel<false><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, geo, row, L.table, L.counter,
+      fused_step_kernel<false><<<blocks, kThreads, 0, stream>>>(L.x, L.m, L.out, L.h, geo, row, L.table, L.counter,
                                                                 L.table_rows, L.clip, k0, k1, L.step, L.sample_offset);
     }
     check(cudaGetLastError(), "fused_step_kernel launch");
@@ -173,6 +189,14 @@ void normal(const NormalLaunch& L) {
     normal_kernel<false><<<blocks, kThreads, 0, stream>>>(L.out, geo, k0, k1, L.step, L.stream_id, L.sample_offset);
   }
   check(cudaGetLastError(), "normal_kernel launch");
+}
+
+void upload_table(const float* host, int64_t rows, float* table, int* counter, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaMemcpy(table, host, static_cast<size_t>(rows) * 6 * sizeof(float), cudaMemcpyHostToDevice),
+        "cudaMemcpy (coefficient table)");
+  const int last = static_cast<int>(rows - 1);
+  check(cudaMemcpy(counter, &last, sizeof last, cudaMemcpyHostToDevice), "cudaMemcpy (step counter)");
 }
 
 // Number of visible CUDA devices; 0 when no driver or device is present (never throws).

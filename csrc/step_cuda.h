@@ -7,14 +7,16 @@
 
 namespace ddpm::cuda {
 
+// One fused step (step_cpu.h's contract): x0 = clip(p x + q m), out = a x + b x0 + c h + sigma z, h <- x0.
 struct StepLaunch {
   const float* x;
   const float* m;
   float* out;
+  float* h;  // history buffer, or nullptr
   int64_t n, d;
-  float a, b, p, q, sigma;  // used when table == nullptr
-  const float* table;       // [table_rows, 5] float32 (a, b, p, q, sigma) on the device, or nullptr
-  int* counter;             // device int32 step counter (with table): row and step index; decremented after
+  float a, b, c, p, q, sigma;  // used when table == nullptr
+  const float* table;          // [table_rows, 6] float32 (a, b, c, p, q, sigma) on the device, or nullptr
+  int* counter;                // device int32 step counter (with table): row and step index; decremented after
   int64_t table_rows;
   float clip;
   uint64_t seed;
@@ -36,6 +38,9 @@ struct NormalLaunch {
 // Launch (asynchronously on `stream`) and check the launch; errors throw std::runtime_error.
 void fused_step(const StepLaunch& launch);
 void normal(const NormalLaunch& launch);
+
+// Copy a host [rows, 6] table to the device buffer `table` and set *counter = rows - 1 (synchronous).
+void upload_table(const float* host, int64_t rows, float* table, int* counter, int device);
 
 int device_count();
 // "major.minor" compute capability and name of a device, for error messages and bench records.

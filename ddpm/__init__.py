@@ -30,6 +30,8 @@ _LAZY = {
     "HostStepTable": "ddpm.kernels",
     "load_model": "ddpm.checkpoint",
     "read_metadata": "ddpm.artifacts",
+    "reverse": "ddpm.loop",
+    "ReversePlan": "ddpm.loop",
     "sample": "ddpm.runtime.sampling",
     "DDPMError": "ddpm.errors",
     "InvalidArgumentError": "ddpm.errors",

@@ -1,6 +1,6 @@
 """Reading artifacts: which kind a file is, its ddpm metadata, and whether a TensorRT engine fits this machine.
 
-Three kinds of artifact carry the same metadata (DESIGN.md, :mod:`.metadata`):
+Three kinds of artifact carry the same metadata (docs/design.md, "Artifacts"; :mod:`.metadata`):
 
     checkpoint  ``.safetensors``              safetensors ``__metadata__`` (the header only is read)
     onnx        ``.onnx``                     ``ModelProto.metadata_props``
@@ -13,9 +13,11 @@ the file. Optional integrity checks (``verify=True``) recompute the weight / eng
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ __all__ = [
     "SIDECAR_KEYS",
     "artifact_kind",
     "read_metadata",
+    "checkpoint_metadata",
+    "open_safetensors",
     "read_sidecar",
     "sidecar_path",
     "check_engine_compat",
@@ -46,7 +50,7 @@ EXTENSIONS = {
 }
 # onnx 1.23 writes IR 14 by default; the pinned onnxruntime 1.31 reads at most IR 13.
 MAX_ONNX_IR_VERSION = 13
-# Keys a sidecar carries on top of the DESIGN.md metadata; their values stay native JSON (not strings).
+# Keys a sidecar carries on top of the common metadata keys; their values stay native JSON (not strings).
 SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile")
 _SIDECAR_NATIVE = (*SIDECAR_KEYS, "version_compatible", "hardware_compat", "engine_sha256", "engine_bytes")
 
@@ -110,21 +114,30 @@ def read_metadata(path: str | os.PathLike, *, verify: bool = False) -> dict[str,
     p = Path(path)
     kind = artifact_kind(p)
     if kind == "checkpoint":
-        return _read_checkpoint(p)
+        return checkpoint_metadata(p)
     if kind == "onnx":
         return onnx_metadata(load_onnx(p), source=str(p), verify=verify)
     return _read_engine(p, verify=verify)
 
 
-def _read_checkpoint(p: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, *, framework: str = "numpy") -> Iterator[Any]:
+    """``safetensors.safe_open`` on the CPU; a missing, truncated or foreign file is one ArtifactError naming it."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(p), framework="numpy") as f:
-            strings = f.metadata()
+        handle = safe_open(str(path), framework=framework, device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; all mean "not readable"
-        raise ArtifactError(f"{p}: not a readable safetensors checkpoint ({_one_line(e)})") from None
-    return decode_metadata(strings, source=str(p))
+        raise ArtifactError(f"{path}: not a readable safetensors checkpoint ({_one_line(e)})") from None
+    with handle as f:
+        yield f
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded, validated metadata of a safetensors checkpoint: its header only, no tensor is read."""
+    with open_safetensors(path) as f:
+        strings = f.metadata()
+    return decode_metadata(strings, source=str(path))
 
 
 def load_onnx(path: str | os.PathLike) -> Any:
@@ -182,7 +195,7 @@ def read_sidecar(engine: str | os.PathLike) -> dict[str, Any]:
 def _read_engine(p: Path, *, verify: bool) -> dict[str, Any]:
     side = sidecar_path(p)
     obj = read_sidecar(p)
-    # The DESIGN keys go through the same decoder as every other artifact; the TensorRT facts stay native JSON.
+    # The common keys go through the same decoder as every other artifact; the TensorRT facts stay native JSON.
     strings = {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in obj.items()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import platform
 
+from .extension import load_extension
+
 
 def _version(mod: str) -> str:
     try:
@@ -17,22 +19,18 @@ def build_facts() -> dict[str, str]:
     facts: dict[str, str] = {"python": platform.python_version(), "machine": platform.machine()}
     for mod in ("ddpm", "torch", "numpy", "onnx", "onnxruntime", "tensorrt"):
         facts[mod] = _version(mod)
-    try:
-        from ddpm import _C
-
-        info = _C.build_info()
+    cpu, why = load_extension("_C")
+    if cpu is None:
+        facts["_C"] = f"not built ({why})"
+    else:
+        info = cpu.build_info()
         facts["_C"] = (
             f"{info['compiler']}, OpenMP {'on' if info['openmp'] else 'off'} ({info['max_threads']} threads), "
             f"SIMD {info.get('simd', '?')}"
         )
-    except ImportError as e:
-        facts["_C"] = f"not built ({e})"
-    try:
-        from ddpm import _C_cuda
-
-        facts["_C_cuda"] = (
-            f"{_C_cuda.build_info()['cuda_compiler']}, {_C_cuda.device_count()} device(s) visible"
-        )
-    except ImportError:
+    cuda, _ = load_extension("_C_cuda")
+    if cuda is None:
         facts["_C_cuda"] = "not built (no CUDA compiler at build time)"
+    else:
+        facts["_C_cuda"] = f"{cuda.build_info()['cuda_compiler']}, {cuda.device_count()} device(s) visible"
     return facts

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifacts import checkpoint_metadata, open_safetensors
 from .errors import ArtifactError, InvalidArgumentError
 from .metadata import decode_metadata
 from .models import build_model
@@ -35,23 +36,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def _open(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
-        raise ArtifactError(
-            f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {str(e)[:120]})"
-        ) from None
-
-
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded, validated metadata dict of a checkpoint (no weights are read)."""
-    p = resolve_checkpoint(path)
-    with _open(p) as f:
-        strings = f.metadata()
-    return decode_metadata(strings, source=str(p))
+    return checkpoint_metadata(resolve_checkpoint(path))
 
 
 def load_model(
@@ -64,7 +51,7 @@ def load_model(
     A missing, corrupt or inconsistent file raises ArtifactError with one line naming it.
     """
     p = resolve_checkpoint(path)
-    with _open(p) as f:
+    with open_safetensors(p, framework="pt") as f:
         meta = decode_metadata(f.metadata(), source=str(p))
         try:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()

@@ -25,22 +25,32 @@ def invocation() -> str:
     return " ".join(shlex.quote(a) for a in ["ddpm", *_argv])
 
 
-def parse_int_list(text: str | Sequence[int], *, option: str = "--batch") -> list[int]:
-    """``"1,64"`` (or a sequence of ints) -> ``[1, 64]``; anything but a list of positive integers is an error
-    naming ``option``."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",")]
-    else:
-        parts = list(text)
-    msg = f"{option} must be a comma-separated list of positive integers, got {text!r}"
+def parse_int_list(text: str | Sequence[int], *, option: str = "--batch", hi: int | None = None) -> list[int]:
+    """``"1,64"`` (or a sequence of ints) -> ``[1, 64]``: the one parser of batch lists (run, bench, export).
+
+    Values must be integers >= 1 (and <= ``hi`` when given); the message names ``option`` and the bad value.
+    """
+    parts = [
+        p.strip() if isinstance(p, str) else p for p in (text.split(",") if isinstance(text, str) else text)
+    ]
+    what = (
+        "a comma-separated list of positive integers"
+        if hi is None
+        else f"comma-separated integers in 1..{hi}"
+    )
     values: list[int] = []
     for p in parts:
-        if isinstance(p, bool):
-            raise InvalidArgumentError(msg)
         try:
+            if isinstance(p, (bool, float)):
+                raise ValueError
             values.append(int(p))
         except (TypeError, ValueError):
-            raise InvalidArgumentError(msg) from None
-    if not values or any(v < 1 for v in values):
-        raise InvalidArgumentError(msg)
+            raise InvalidArgumentError(f"{option} must be {what}, got {text!r}") from None
+    if not values:
+        raise InvalidArgumentError(f"{option} must be {what}, got {text!r}")
+    for v in values:
+        if v < 1 or (hi is not None and v > hi):
+            if hi is None:
+                raise InvalidArgumentError(f"{option} must be {what}, got {text!r}")
+            raise InvalidArgumentError(f"{option}: batch sizes must be in 1..{hi}, got {v} in {text!r}")
     return values

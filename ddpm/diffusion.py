@@ -148,8 +148,12 @@ def step(
     variance: Variance | str = "fixed_small",
     eta: float = 0.0,
     clip: float | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step x_i -> x_{i-1} (reference, plain torch, float32 in and out).
+
+    Evaluates x0_hat = clip(p x + q m), x_prev = a x + b x0_hat + c h + sigma z with the float32-cast row i
+    of the coefficient table, in the kernels' order of operations, then h <- x0_hat.
 
     Args:
         schedule: the (possibly respaced) schedule; ``i`` indexes it, 0 = the cleanest step.
@@ -157,25 +161,42 @@ def step(
         model_output: the network's output at (x, schedule.timesteps[i]), same shape as x.
         noise: z ~ N(0, I) like x; ignored (may be None) where sigma_i = 0.
         clip: clip x0_hat to [-clip, clip]; None for no clipping.
+        history: h, a float32 tensor like x holding the previous step's x0_hat (zeros before the first step).
+            Read where c_i != 0, then overwritten in place with this step's x0_hat. Required by the multistep
+            samplers (dpm++2m, dpm++2m-sde); optional (and still updated) for ddpm and ddim.
     Returns:
         x_{i-1}, a new float32 tensor like x.
     """
-    a, b, _c, p, q, sigma = step_coefficients(
+    sampler = Sampler.parse(sampler)
+    a, b, c_h, p, q, sigma = step_coefficients(
         schedule, i, prediction=prediction, sampler=sampler, variance=variance, eta=eta
     )
-    c = check_clip(clip)
+    bound = check_clip(clip)
     if x.dtype != torch.float32 or model_output.dtype != torch.float32:
         raise InvalidArgumentError(
             f"x and model_output must be float32, got {x.dtype} and {model_output.dtype}"
         )
     _check_same_shape(x=x, model_output=model_output)
+    if history is None and sampler.multistep:
+        raise InvalidArgumentError(
+            f"sampler {sampler} is multistep and needs history: a float32 tensor like x holding the previous "
+            "step's x0_hat (zeros before the first step), got None"
+        )
+    if history is not None:
+        if history.dtype != torch.float32:
+            raise InvalidArgumentError(f"history must be float32, got {history.dtype}")
+        _check_same_shape(x=x, history=history)
     x0_hat = p * x + q * model_output
-    if math.isfinite(c):
-        x0_hat = x0_hat.clamp(-c, c)
+    if math.isfinite(bound):
+        x0_hat = x0_hat.clamp(-bound, bound)
     out = a * x + b * x0_hat
+    if c_h != 0.0 and history is not None:  # c_h != 0 only for multistep samplers, which require history
+        out = out + c_h * history
     if sigma != 0.0:
         if noise is None:
             raise InvalidArgumentError(f"step {i} has sigma = {sigma:.3g} > 0 and needs noise, got None")
         _check_same_shape(x=x, noise=noise)
         out = out + sigma * noise
+    if history is not None:
+        history.copy_(x0_hat)  # after the read above: h held the previous step's x0_hat until now
     return out

@@ -8,12 +8,13 @@ already loaded the two share ONE OpenMP runtime and thread pool instead of two p
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 from types import ModuleType
 
 import torch  # noqa: F401  - must be loaded before ddpm._C (shared OpenMP runtime, see above)
 
-__all__ = ["cpu_extension", "cuda_extension", "warn_once", "FallbackWarning"]
+__all__ = ["cpu_extension", "cuda_extension", "load_extension", "warn_once", "FallbackWarning"]
 
 
 class FallbackWarning(RuntimeWarning):
@@ -31,20 +32,20 @@ def warn_once(key: str, message: str) -> None:
 
 
 @functools.cache
+def load_extension(name: str) -> tuple[ModuleType | None, str]:
+    """``(ddpm.<name>, "")`` for ``_C`` / ``_C_cuda``, or ``(None, why)`` when it was not built or does not load."""
+    try:
+        return importlib.import_module(f"ddpm.{name}"), ""
+    except ImportError as e:
+        return None, str(e)
+
+
 def cpu_extension() -> ModuleType | None:
     """ddpm._C, or None when the package was installed without building it."""
-    try:
-        from ddpm import _C
-    except ImportError:
-        return None
-    return _C
+    return load_extension("_C")[0]
 
 
-@functools.cache
 def cuda_extension() -> ModuleType | None:
     """ddpm._C_cuda when it was built AND its CUDA runtime sees a device, else None."""
-    try:
-        from ddpm import _C_cuda
-    except ImportError:
-        return None
-    return _C_cuda if _C_cuda.device_count() > 0 else None
+    mod = load_extension("_C_cuda")[0]
+    return mod if mod is not None and mod.device_count() > 0 else None

@@ -1,162 +1,146 @@
-"""The fused reverse step: x_prev = a x + b clip(p x + q m, -c, c) + sigma z, with z drawn in-kernel (DESIGN.md).
+"""The fused reverse step, one front over one binding per device (docs/design.md, "The step").
 
-Three entry points, from friendliest to fastest:
+    x0_hat = clip(p x + q m, -c, c);   x_prev = a x + b x0_hat + c_h h + sigma z;   then h <- x0_hat
 
-* :func:`fused_step` - same meaning and arguments as :func:`ddpm.step`, but the noise is generated in the kernel:
-  z = ``ddpm.noise.normal(seed, x.shape, step=i, sample_offset=sample_offset)``.
-* :func:`fused_step_raw` - what a sampling loop calls every step: the float32 coefficient row is passed in, so
-  the per-step Python cost is a handful of checks and one call into C++.
-* :class:`DeviceStepTable` - for CUDA graphs: the coefficient table and a step counter live on the GPU, so one
-  captured graph replays every step. :class:`HostStepTable` is its CPU twin: ``bind(x, m, out)`` checks the
-  buffers once and returns a callable that runs one step per call with nothing left to check or convert.
+with (a, b, c_h, p, q, sigma) a row of ``Schedule.coefficients`` (columns ``COEF_A .. COEF_SIGMA``), z drawn
+in-kernel from Philox (``ddpm.noise.normal(seed, x.shape, step=i, sample_offset=...)``), and h the previous
+step's x0_hat (DPM-Solver++(2M); c_h = 0 for DDPM and DDIM, and then h is only written, never read).
 
-Dispatch: CUDA tensors -> ddpm._C_cuda, CPU tensors -> ddpm._C, and a pure torch path (NumPy reference noise)
-when the compiled module is missing, with a one-time warning. Inference only: the kernels write through raw
+* :func:`fused_step` (public as ``ddpm.fused_step``): same arguments as :func:`ddpm.step`; each schedule's
+  float32 table is built once (:func:`kernel_table`) and the kernel reads row i from it.
+* :func:`fused_step_raw`: the float32 row passed in, for loops that hold their own rows.
+* :class:`HostStepTable` / :class:`DeviceStepTable`: the table and a step counter held by the kernel module (on
+  CUDA in device memory, so one captured CUDA graph replays every step); ``HostStepTable.bind`` checks its
+  tensors once and returns a zero-argument callable, the fastest CPU loop.
+
+Checks live in one layer each: the shared launcher (:func:`ddpm.step_tables.launch`) checks tensors (dtype,
+shape, device, contiguity); ``ddpm._C`` and ``ddpm._C_cuda`` check every number they are handed (pointers,
+overlap, sizes, coefficients, clip, seed, Philox words) and name it. Without a compiled module a pure torch path
+(NumPy reference noise) runs instead, with a one-time warning. Inference only: the kernels write through raw
 pointers and are invisible to autograd.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from . import extension
+from .diffusion import check_clip
 from .errors import InvalidArgumentError
-from .noise import check_counter_args, check_seed, normal_reference
 from .schedule import Prediction, Sampler, Schedule, Variance
-from .diffusion import check_clip, step_coefficients
-from .step_tables import DeviceStepTable, HostStepTable, check_step_tensors
+from .step_tables import (
+    DeviceStepTable,
+    HostStepTable,
+    check_step_tensors,
+    host_table,
+    launch,
+    launch_checked,
+    table32,
+)
 
-__all__ = ["fused_step", "fused_step_raw", "DeviceStepTable", "HostStepTable"]
+__all__ = [
+    "fused_step",
+    "fused_step_raw",
+    "kernel_table",
+    "KernelTable",
+    "DeviceStepTable",
+    "HostStepTable",
+    "check_step_tensors",
+]
 
-Coeffs = tuple[float, float, float, float, float, float]
+_INF = math.inf
 
-
-def _fused_step_torch(x, m, coeffs: Coeffs, clip: float, seed: int, step_index: int, sample_offset: int, out):
-    """The pure torch path: ddpm.step's arithmetic with the NumPy reference noise."""
-    a, b, _c, p, q, sigma = coeffs
-    x0_hat = p * x + q * m
-    if math.isfinite(clip):
-        x0_hat = x0_hat.clamp(-clip, clip)
-    res = a * x + b * x0_hat
-    if sigma != 0.0:
-        z = normal_reference(seed, tuple(x.shape), step=step_index, sample_offset=sample_offset)
-        res = res + sigma * torch.from_numpy(z).to(x.device)
-    return out.copy_(res)
+# ---------------------------------------------------------------------------------------- cached tables
 
 
-_F32 = torch.float32
-_U32 = 1 << 32
-_U64 = 1 << 64
+@dataclass(frozen=True, eq=False)
+class KernelTable:
+    """A schedule's coefficient table as the kernels read it, built once per (schedule, prediction, sampler,
+    variance, eta) by :func:`kernel_table`.
+
+    Attributes:
+        table32: [steps, 6] float32 (a, b, c, p, q, sigma), read-only.
+        rows: the same rows as tuples of Python floats (by-value calls: CUDA, the torch path).
+        host: ``ddpm._C.StepTable`` over table32, or None without the CPU module.
+    """
+
+    table32: np.ndarray
+    rows: tuple[tuple[float, ...], ...]
+    host: Any
+
+
+# (id(schedule), prediction, sampler, variance, eta) -> KernelTable, keyed on the arguments as given so that a hit
+# costs one dict lookup. A finalizer drops a schedule's entries when it dies, before its id can be reused.
+_TABLES: dict[tuple, KernelTable] = {}
+
+
+def _forget(schedule_id: int) -> None:
+    for key in [k for k in _TABLES if k[0] == schedule_id]:
+        del _TABLES[key]
+
+
+def kernel_table(
+    schedule: Schedule,
+    prediction: Prediction | str = "eps",
+    sampler: Sampler | str = "ddpm",
+    variance: Variance | str = "fixed_small",
+    eta: float = 0.0,
+) -> KernelTable:
+    """The cached float32 table of ``schedule.coefficients(prediction, sampler, variance, eta)``."""
+    key = (id(schedule), prediction, sampler, variance, eta)
+    try:
+        return _TABLES[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable argument: let coefficients() name it
+        key = None
+    t32 = table32(schedule.coefficients(prediction, sampler, variance, eta))
+    ext = extension.cpu_extension()
+    entry = KernelTable(
+        t32,
+        tuple(tuple(float(v) for v in row) for row in t32),
+        None if ext is None else host_table(ext, t32),
+    )
+    if key is not None:
+        if not any(k[0] == key[0] for k in _TABLES):
+            weakref.finalize(schedule, _forget, key[0])
+        _TABLES[key] = entry
+    return entry
+
+
+# ---------------------------------------------------------------------------------------- public steps
 
 
 def fused_step_raw(
     x: torch.Tensor,
     m: torch.Tensor,
-    coeffs: Coeffs,
+    coeffs: Sequence[float],
     clip: float,
     seed: int,
     step_index: int,
     sample_offset: int,
     out: torch.Tensor,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused reverse step into ``out`` (which may be ``x`` or ``m``); returns ``out``.
 
     Args:
         x: x_t [N, ...] float32, contiguous. m: the model output, same shape, dtype and device.
-        coeffs: (a, b, p, q, sigma), the float32-cast row of the schedule's coefficient table for this step.
-        clip: the x0_hat bound c (math.inf: no clipping).
+        coeffs: (a, b, c, p, q, sigma), the float32-cast row of the schedule's coefficient table for this step.
+        clip: the x0_hat bound (math.inf: no clipping).
         seed: the run's seed in [0, 2^64). step_index: the schedule index i (Philox counter word 2).
         sample_offset: global index of sample 0 of this batch (Philox counter word 1 = sample_offset + n).
         out: float32 [N, ...] like x.
+        history: None, or h [N, ...] like x (its own buffer): c h is added, then h <- x0_hat.
     """
-    # Fast path: the checks a sampling loop passes every step, written to cost ~1 us; anything unusual falls
-    # through to the full checks, which name the offending argument.
-    try:
-        shape = x.shape
-        ok = (
-            x.dtype is _F32
-            and m.dtype is _F32
-            and out.dtype is _F32
-            and x.is_contiguous()
-            and m.is_contiguous()
-            and out.is_contiguous()
-            and m.shape == shape
-            and out.shape == shape
-            and len(shape) > 0
-            and type(seed) is int
-            and 0 <= seed < _U64
-            and type(step_index) is int
-            and 0 <= step_index < _U32
-            and type(sample_offset) is int
-            and 0 <= sample_offset
-            and sample_offset + shape[0] <= _U32
-            and clip > 0
-        )
-        on_cpu = ok and x.is_cpu and m.is_cpu and out.is_cpu
-    except (AttributeError, TypeError):
-        ok = on_cpu = False
-    if not ok or not (on_cpu or (x.device == m.device == out.device)):
-        check_step_tensors(x=x, m=m, out=out)
-        seed = check_seed(seed)
-        step_index, _, sample_offset = check_counter_args(
-            shape[0], step=step_index, stream=0, sample_offset=sample_offset
-        )
-        clip = float(clip)
-        if not clip > 0:
-            raise InvalidArgumentError(f"clip must be > 0 (math.inf for no clipping), got {clip}")
-        shape, on_cpu = x.shape, x.device.type == "cpu"
-    try:
-        a, b, c, p, q, sigma = coeffs
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"coeffs must be 6 floats (a, b, c, p, q, sigma), got {coeffs!r}") from None
-    if c != 0.0:  # TEMPORARY until the kernel carries the history operand
-        raise InvalidArgumentError("history coefficient c != 0 is not supported yet")
-    numel = x.numel()
-    if numel == 0:
-        return out
-    n = shape[0]
-    # the argument list both extensions share; CUDA adds the device and the stream to launch on
-    args = (
-        x.data_ptr(),
-        m.data_ptr(),
-        out.data_ptr(),
-        n,
-        numel // n,
-        a,
-        b,
-        p,
-        q,
-        sigma,
-        clip,
-        seed,
-        step_index,
-        sample_offset,
-    )
-    try:
-        if on_cpu:
-            ext = extension.cpu_extension()
-            if ext is not None:
-                ext.fused_step(*args)
-                return out
-        elif x.is_cuda:
-            ext = extension.cuda_extension()
-            if ext is not None:
-                dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-                ext.fused_step(*args, dev, torch.cuda.current_stream(x.device).cuda_stream)
-                return out
-    except ValueError as e:  # the C++ side's own argument checks (std::invalid_argument)
-        raise InvalidArgumentError(f"fused_step: {e}") from None
-    except TypeError as e:  # pybind11 could not convert an argument (e.g. a coefficient that is not a number)
-        raise InvalidArgumentError(f"fused_step: bad argument types: coeffs must be 5 floats ({e})") from None
-    extension.warn_once(
-        f"fused_step:{x.device.type}",
-        f"ddpm.fused_step: no compiled kernel for {x.device.type} tensors (ddpm._C / ddpm._C_cuda not built or no "
-        "GPU visible); using the (slow) pure torch path. Reinstall with `pip install -e .` to build the kernels.",
-    )
-    coeffs = (float(a), float(b), 0.0, float(p), float(q), float(sigma))
-    return _fused_step_torch(x, m, coeffs, float(clip), seed, step_index, sample_offset, out)
+    return launch(x, m, coeffs, None, clip, seed, step_index, sample_offset, out, history)
 
 
 def fused_step(
@@ -173,6 +157,7 @@ def fused_step(
     eta: float = 0.0,
     clip: float | None = None,
     out: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse step x_i -> x_{i-1}, as :func:`ddpm.step` fed ``noise = ddpm.noise.normal(seed, x.shape,
     step=i, sample_offset=sample_offset)``, computed in one fused kernel pass.
@@ -184,15 +169,20 @@ def fused_step(
             batch it is drawn in).
         clip: clip x0_hat to [-clip, clip]; None for no clipping.
         out: where to write x_{i-1} (``out=x`` updates in place); a new tensor when None.
+        history: the previous step's x0_hat [N, ...] (multistep samplers), overwritten with this step's.
     Returns:
         x_{i-1}, float32, like x.
     """
-    coeffs = step_coefficients(
-        schedule, i, prediction=prediction, sampler=sampler, variance=variance, eta=eta
-    )
-    c = check_clip(clip)
+    try:
+        table = _TABLES[id(schedule), prediction, sampler, variance, eta]
+    except (KeyError, TypeError):
+        table = kernel_table(schedule, prediction, sampler, variance, eta)
+    c = _INF if clip is None else check_clip(clip)
     if out is None:
         if not isinstance(x, torch.Tensor):
             raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return fused_step_raw(x, model_output, coeffs, c, seed, i, sample_offset, out)
+    host = table.host
+    if host is None:  # no CPU module: every device takes the row by value
+        return launch_checked(x, model_output, None, table.rows, c, seed, i, sample_offset, out, history)
+    return launch(x, model_output, host, table.rows, c, seed, i, sample_offset, out, history)

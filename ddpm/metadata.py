@@ -1,4 +1,5 @@
-"""Artifact metadata: the keys every checkpoint, ONNX file and engine sidecar carries (DESIGN.md).
+"""Artifact metadata: the keys every checkpoint, ONNX file and engine sidecar carries (docs/design.md,
+"Artifacts").
 
 On disk, metadata is a flat ``str -> str`` map (safetensors ``__metadata__``, ONNX ``metadata_props``, the
 sidecar JSON): structured values are JSON-encoded. In memory it is a plain dict with decoded values:

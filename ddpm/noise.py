@@ -1,4 +1,4 @@
-"""Counter-based Gaussian noise: Philox4x32-10 (Salmon et al., SC'11; Random123) + Box-Muller (DESIGN.md "Noise").
+"""Counter-based Gaussian noise: Philox4x32-10 (Salmon et al., SC'11; Random123) + Box-Muller (docs/design.md, "Noise").
 
 No RNG state anywhere: the noise of element j of global sample s at step i of stream k under seed S is a pure
 function of (S, s, j, i, k):
@@ -162,7 +162,7 @@ def _cos_sin_2pi_u(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def box_muller_reference(w: np.ndarray) -> np.ndarray:
-    """Philox words [..., 4] (uint32) -> the four normals [..., 4] in float64 (DESIGN.md's formula)."""
+    """Philox words [..., 4] (uint32) -> the four normals [..., 4] in float64 (docs/design.md, "Noise")."""
     u = (w.astype(np.float64) + 0.5) * 2.0**-32  # exact: w + 0.5 needs 33 bits
     r_a = np.sqrt(-2.0 * np.log(u[..., 0]))
     r_b = np.sqrt(-2.0 * np.log(u[..., 2]))

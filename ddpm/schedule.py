@@ -4,12 +4,13 @@ Everything is computed in float64 (improved-diffusion: "use float64 for accuracy
 when a kernel needs the table. Index conventions: a Schedule has ``len(schedule)`` entries; entry ``i``
 (0 = the cleanest step) corresponds to the ORIGINAL timestep ``schedule.timesteps[i]`` that the model is fed.
 
-Every sampler step is one affine form (DESIGN.md):
+Every sampler step is one affine form (docs/design.md, "The step"):
 
     x0_hat = clip(p_i * x + q_i * m, -c, c)          # m = model output
-    x_prev = a_i * x + b_i * x0_hat + sigma_i * z
+    x_prev = a_i * x + b_i * x0_hat + c_i * h + sigma_i * z
+    h <- x0_hat                                      # history: the previous step's x0_hat (multistep solvers)
 
-so a step is five floats (a, b, p, q, sigma); :func:`coefficient_table` builds the [steps, 5] table.
+so a step is six floats (a, b, c, p, q, sigma); :func:`coefficient_table` builds the [steps, 6] table.
 """
 
 from __future__ import annotations
@@ -74,10 +75,22 @@ class Prediction(_Choice):
 
 
 class Sampler(_Choice):
-    """DDPM ancestral sampling (Ho et al. Algorithm 2) or DDIM (Song et al. eq. 12) with eta."""
+    """How a step turns x0_hat into x_prev.
+
+    ddpm: ancestral sampling (Ho et al. Algorithm 2); ddim: Song et al. eq. 12 with eta;
+    dpm++2m: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the multistep data-prediction ODE solver;
+    dpm++2m-sde: its SDE variant (diffusers' ``sde-dpmsolver++``). Derivations: docs/design.md, "Multistep solvers".
+    """
 
     DDPM = "ddpm"
     DDIM = "ddim"
+    DPMPP_2M = "dpm++2m"
+    DPMPP_2M_SDE = "dpm++2m-sde"
+
+    @property
+    def multistep(self) -> bool:
+        """True when a step reads the previous step's x0_hat (the history buffer h; column c may be != 0)."""
+        return self in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_SDE)
 
 
 class Variance(_Choice):
@@ -272,7 +285,10 @@ class Schedule:
         variance: Variance | str = "fixed_small",
         eta: float = 0.0,
     ) -> np.ndarray:
-        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 6] float64)."""
+        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 6] float64).
+
+        ``variance`` matters to ddpm only, ``eta`` to ddim only; the dpm++ samplers ignore ``variance`` and
+        refuse ``eta != 0`` (see :func:`coefficient_table`)."""
         key = (
             "coef",
             Prediction.parse(prediction),
@@ -314,6 +330,9 @@ def coefficient_table(
         sigma = sqrt(beta_tilde) (fixed_small) or sqrt(beta) (fixed_large); sigma_0 = 0 (Algorithm 2: z = 0 at t = 1).
     DDIM (Song et al. eq. 12): sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev),
         k = sqrt(1 - ab_prev - sigma^2), a = k / sqrt(1 - ab), b = sqrt(ab_prev) - k sqrt(ab) / sqrt(1 - ab).
+    dpm++2m / dpm++2m-sde: see :func:`_dpmpp_2m`; ``variance`` is ignored (the solver fixes its own noise) and
+        ``eta`` must be 0 (it is DDIM's knob; the stochastic multistep sampler is dpm++2m-sde).
+    c = 0 for ddpm and ddim: they never read the history.
     """
     prediction = Prediction.parse(prediction)
     sampler = Sampler.parse(sampler)
@@ -321,6 +340,12 @@ def coefficient_table(
     eta = float(eta)
     if not math.isfinite(eta) or eta < 0:
         raise InvalidArgumentError(f"eta must be a finite number >= 0, got {eta}")
+    if sampler.multistep and eta != 0.0:
+        # Silently ignoring eta would let a user believe they asked for a stochastic dpm++2m.
+        raise InvalidArgumentError(
+            f"eta applies to the ddim sampler only; sampler {sampler} needs eta = 0, got {eta} "
+            f"(use sampler {Sampler.DPMPP_2M_SDE} for a stochastic multistep sampler)"
+        )
 
     ab = schedule.alphas_cumprod
     ab_prev = schedule.alphas_cumprod_prev
@@ -343,10 +368,44 @@ def coefficient_table(
         var = schedule.posterior_variance if variance is Variance.FIXED_SMALL else beta
         sigma = np.sqrt(var)
         sigma[0] = 0.0
-    else:
+    elif sampler is Sampler.DDIM:
         sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
         k = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0))
         table[:, COEF_A] = k / np.sqrt(1.0 - ab)
         table[:, COEF_B] = np.sqrt(ab_prev) - k * np.sqrt(ab) / np.sqrt(1.0 - ab)
+    else:
+        a, b, c, sigma = _dpmpp_2m(ab, ab_prev, sde=sampler is Sampler.DPMPP_2M_SDE)
+        table[:, COEF_A], table[:, COEF_B], table[:, COEF_C] = a, b, c
     table[:, COEF_SIGMA] = sigma
     return table
+
+
+def _dpmpp_2m(ab: np.ndarray, ab_prev: np.ndarray, *, sde: bool) -> tuple[np.ndarray, ...]:
+    """(a, b, c, sigma) of DPM-Solver++(2M), midpoint form (Lu et al. 2022, Algorithm 2), or its SDE variant.
+
+    Step i goes from s = entry i to t = alphabar_prev_i (1 at i = 0), alpha = sqrt(ab), sigma = sqrt(1 - ab),
+    lambda = log(alpha / sigma), h_i = lambda_t - lambda_s, r_i = h_{i+1} / h_i (previous step over this one).
+    With phi = 1 - e^{-h} (ODE) or 1 - e^{-2h} (SDE) and D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev:
+        ODE: x_t = (sigma_t/sigma_s) x_s + alpha_t phi D
+        SDE: x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t phi D + sigma_t sqrt(phi) z
+    The first step (no history yet) and the final one (to sigma_t = 0, where r = 0) are first order, D = x0_hat;
+    the final step's limit h -> inf is x_0 = x0_hat. Derivation, diffusers comparison: docs/design.md, "Multistep solvers".
+    """
+    n = ab.size
+    sigma_s, alpha_t, sigma_t = np.sqrt(1.0 - ab), np.sqrt(ab_prev), np.sqrt(1.0 - ab_prev)
+    lam = np.log(np.sqrt(ab)) - np.log(sigma_s)
+    a, b, c, sigma = (np.zeros(n) for _ in range(4))
+    b[0] = 1.0  # final step: (a, b, c, sigma) = (0, 1, 0, 0)
+    h = np.full(n, np.inf)
+    h[1:] = lam[:-1] - lam[1:]  # lambda_t of step i is lambda of entry i - 1
+    i = np.arange(1, n)
+    phi = -np.expm1(-(2.0 if sde else 1.0) * h[i])
+    a[i] = sigma_t[i] / sigma_s[i] * (np.exp(-h[i]) if sde else 1.0)
+    b[i] = alpha_t[i] * phi
+    if sde:
+        sigma[i] = sigma_t[i] * np.sqrt(phi)
+    j = np.arange(1, n - 1)  # second order: a previous x0_hat exists and the step is not the final one
+    half_inv_r = 0.5 * h[j] / h[j + 1]  # 1 / (2 r_i)
+    c[j] = -b[j] * half_inv_r
+    b[j] = b[j] * (1.0 + half_inv_r)
+    return a, b, c, sigma

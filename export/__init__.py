@@ -3,7 +3,8 @@
     from ddpm.export import export
     report = export("runs/digits/model.safetensors", "unet.onnx")   # parity at batch 1 and 7 before writing
 
-Names are imported lazily: ``ddpm.export.cli`` (loaded for ``ddpm --help``) must not pull in torch or onnx.
+Names are imported lazily: ``ddpm.export.cli`` (loaded for ``ddpm --help``) must not pull in torch or onnx, so
+it reaches :func:`export` through this table, at call time.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 
 _LAZY = {
     "export": "ddpm.export.pipeline",
-    "ExportReport": "ddpm.export.pipeline",
+    "ExportReport": "ddpm.export.common",
     "describe": "ddpm.export.info",
+    "format_table": "ddpm.export.info",
     "convert_to_half": "ddpm.export.precision",
     "ParityError": "ddpm.export.parity",
     "ParityResult": "ddpm.export.parity",

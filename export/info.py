@@ -1,6 +1,6 @@
 """``ddpm info FILE``: what an artifact is and the metadata it carries, as a table or JSON.
 
-Everything is read through runtime/artifacts.py (the same code the runtime uses), with the integrity checks on:
+Everything is read through ddpm.artifacts (the same code the runtime uses), with the integrity checks on:
 an ONNX file's initializers are hashed against ``weights_sha256``, an engine against its sidecar's
 ``engine_sha256`` — so an edited or truncated file is reported, not described.
 """

@@ -27,9 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
+import ddpm
 from ddpm.artifacts import MAX_ONNX_IR_VERSION, onnx_weights_sha256
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.metadata import encode_metadata
@@ -145,8 +149,6 @@ def finalize_onnx(model: Any, meta: dict[str, Any], extra: dict[str, str]) -> An
     run the ONNX checker. ``model`` is changed in place and returned."""
     import onnx
 
-    import ddpm
-
     set_ir_version(model)
     model.producer_name = "ddpm"
     model.producer_version = ddpm.__version__
@@ -165,10 +167,6 @@ def finalize_onnx(model: Any, meta: dict[str, Any], extra: dict[str, str]) -> An
 
 def graph_summary(model: Any) -> str:
     """``"613 nodes (106 Reshape, 91 Mul, ...), 6.5M weights"`` for the export log."""
-    from collections import Counter
-
-    import numpy as np
-
     ops = Counter(n.op_type for n in model.graph.node).most_common(4)
     weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     top = ", ".join(f"{c} {op}" for op, c in ops)

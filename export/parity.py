@@ -20,15 +20,21 @@ prediction has elements near zero whose elementwise ratio says nothing about the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ddpm.errors import ArtifactError
+from ddpm.devices import resolve_device
+from ddpm.errors import ArtifactError, MissingDependencyError
+from ddpm.metadata import schedule_from_meta
+from ddpm.runtime.backends import Backend, OnnxRuntimeBackend
+from ddpm.runtime.backends.onnx_backend import import_onnxruntime
 
 __all__ = [
+    "Runner",
     "TOLERANCES",
     "DEFAULT_BATCHES",
     "ParityError",
@@ -36,10 +42,13 @@ __all__ = [
     "compare",
     "random_inputs",
     "torch_reference",
-    "onnxruntime_sessions",
     "check_parity",
-    "ort_runner",
+    "backend_runner",
+    "onnxruntime_backends",
 ]
+
+# A runner (and the reference): x [N, *sample_shape] float32, t [N] int64 -> model output shaped like x.
+Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 TOLERANCES = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
 # Batch 1 and a batch that is neither 1 nor the batch the graph was traced with (2), nor a power of two.
@@ -101,45 +110,11 @@ def torch_reference(model: Any, x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return out.float().numpy()
 
 
-def onnxruntime_sessions(model: str | bytes, *, threads: int | None = None) -> list[tuple[str, Any]]:
-    """``[(label, session)]``: always the CPU execution provider (asked for explicitly), plus the CUDA one when
-    torch sees a GPU and onnxruntime really starts CUDA (it falls back silently-ish when libraries are missing)."""
-    import onnxruntime as ort
-
-    def session(providers: list[Any]) -> Any:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        try:
-            return ort.InferenceSession(model, so, providers=providers)
-        except Exception as e:  # onnxruntime's own exception types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ArtifactError(
-                f"onnxruntime {ort.__version__} cannot load the exported model: {first[:300]}"
-            ) from None
-
-    out = [("onnxruntime[cpu]", session(["CPUExecutionProvider"]))]
-    if _torch_sees_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
-        # TF32 off: the fp32 check must compare fp32 arithmetic, not TF32 convolutions.
-        s = session([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"])
-        if "CUDAExecutionProvider" in s.get_providers():
-            out.append(("onnxruntime[cuda]", s))
-    return out
-
-
-def _torch_sees_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def check_parity(
-    runners: Sequence[tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]],
-    reference: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    runners: Sequence[tuple[str, Runner]],
+    reference: Runner,
+    meta: dict[str, Any],
     *,
-    sample_shape: Sequence[int],
-    num_timesteps: int,
     precision: str = "fp32",
     batches: Sequence[int] = DEFAULT_BATCHES,
     log: Callable[[str], None] | None = None,
@@ -147,11 +122,14 @@ def check_parity(
 ) -> list[ParityResult]:
     """Run every ``(label, runner)`` and ``reference`` on the same fresh random inputs at each batch size.
 
+    Inputs follow the artifact metadata ``meta``: its sample shape, and timesteps over its training schedule.
+
     Each runner and the reference map (x [N, *sample_shape] float32, t [N] int64) to a float array shaped like
     x. Prints one line per comparison through ``log``; raises ParityError naming the worst comparison when any
     is over ``TOLERANCES[precision]`` (after all have run, so every figure is printed).
     """
     tol = TOLERANCES[precision]
+    sample_shape, num_timesteps = meta["sample_shape"], schedule_from_meta(meta).num_timesteps
     rng = np.random.default_rng()  # fresh, unseeded: the check must hold for any input
     results: list[ParityResult] = []
     for batch in batches:
@@ -178,10 +156,38 @@ def check_parity(
     return results
 
 
-def ort_runner(session: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A runner over an onnxruntime session with inputs named x, t."""
+def backend_runner(backend: Backend) -> Runner:
+    """A runner over a runtime backend, called exactly as ``ddpm run`` calls it: inputs moved to its device and
+    run on its stream; the output copied out (a backend may reuse its output buffer)."""
+    import torch
 
     def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return session.run(None, {"x": x, "t": t})[0]
+        on_stream = (
+            torch.cuda.stream(backend.stream) if backend.stream is not None else contextlib.nullcontext()
+        )
+        with on_stream:
+            y = backend(torch.from_numpy(x).to(backend.device), torch.from_numpy(t).to(backend.device))
+            return y.to("cpu", torch.float32, copy=True).numpy()
 
     return run
+
+
+@contextlib.contextmanager
+def onnxruntime_backends(model: str | bytes, meta: dict[str, Any]) -> Iterator[list[tuple[str, Backend]]]:
+    """``[(label, backend)]`` over one ONNX file or graph: always the runtime's onnxruntime backend on the CPU,
+    plus one on CUDA (TF32 off: the check compares fp32 arithmetic) when torch sees a GPU and onnxruntime really
+    starts its CUDA execution provider. Closed on exit."""
+    with contextlib.ExitStack() as stack:
+        cpu = resolve_device("cpu")
+        found: list[tuple[str, Backend]] = [
+            ("onnxruntime[cpu]", stack.enter_context(OnnxRuntimeBackend(model, cpu, meta=meta)))
+        ]
+        gpu = resolve_device("auto")
+        if gpu.type == "cuda" and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers():
+            try:
+                cuda = OnnxRuntimeBackend(model, gpu, meta=meta, tf32=False)
+            except MissingDependencyError:  # CUDA libraries missing: the CPU comparison stands alone
+                pass
+            else:
+                found.append(("onnxruntime[cuda]", stack.enter_context(cuda)))
+        yield found

@@ -19,13 +19,19 @@ Nothing here can run without an NVIDIA GPU and the tensorrt package; the tests t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from ddpm.cliutil import parse_int_list
+from ddpm.devices import TENSORRT_INSTALL_HINT, find_tensorrt, gpu_facts, resolve_device
 from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.io import write_bytes_atomic
+from ddpm.metadata import decode_metadata, encode_metadata
 
 __all__ = [
     "PRECISIONS",
@@ -46,7 +52,7 @@ __all__ = [
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 HARDWARE_COMPAT = ("none", "ampere+")
 DEFAULT_PROFILE = "1,64,256"
-INSTALL_HINT = 'install it with pip install "ddpm[trt]" on a machine with an NVIDIA GPU'
+INSTALL_HINT = TENSORRT_INSTALL_HINT
 _MAX_BATCH = 1 << 16
 # Keys the sidecar sets itself (an ONNX file's own "precision" / weight hash describe the ONNX, not the engine).
 _SIDECAR_OWN = ("precision", "weights_sha256")
@@ -72,18 +78,7 @@ class BatchProfile:
 
 
 def _ints(text: str | Sequence[int], what: str) -> list[int]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: list[int] = []
-    for item in items:
-        s = str(item).strip()
-        try:
-            v = int(s)
-        except ValueError:
-            raise InvalidArgumentError(f"{what} must be comma-separated integers, got {text!r}") from None
-        if not (1 <= v <= _MAX_BATCH):
-            raise InvalidArgumentError(f"{what}: batch sizes must be in 1..{_MAX_BATCH}, got {v} in {text!r}")
-        out.append(v)
-    return out
+    return parse_int_list(text, option=what, hi=_MAX_BATCH)
 
 
 def parse_profile(text: str | Sequence[int]) -> BatchProfile:
@@ -129,22 +124,11 @@ def parse_hardware_compat(level: str | None) -> str | None:
     return str(level).lower()
 
 
-def require_tensorrt() -> Any:
-    """The ``tensorrt`` module, or MissingDependencyError saying which of tensorrt / a GPU is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        trt, why = None, f"the tensorrt package is not importable ({e})"
-    else:
-        why = ""
-        major = int(str(trt.__version__).split(".")[0] or 0)
-        if major < 10:
-            raise MissingDependencyError(
-                f"TensorRT {trt.__version__} is too old for ddpm (needs >= 10); {INSTALL_HINT}"
-            )
-    import torch
-
-    gpu = torch.cuda.is_available()
+def require_tensorrt() -> ModuleType:
+    """The ``tensorrt`` module for a build, or MissingDependencyError saying which of tensorrt / a GPU is missing."""
+    trt, why = find_tensorrt()  # raises when the installed TensorRT is too old
+    gpu = resolve_device("auto").type == "cuda"
+    why = f"the tensorrt package is not importable ({why})"
     if trt is None and not gpu:
         raise MissingDependencyError(
             f"building a TensorRT engine needs tensorrt and an NVIDIA GPU; neither is available here: {why}, "
@@ -158,14 +142,6 @@ def require_tensorrt() -> Any:
             f"(tensorrt {trt.__version__} is installed); {INSTALL_HINT}"
         )
     return trt
-
-
-def gpu_facts(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability ``"major.minor"``) of the CUDA device the engine is built on."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"{major}.{minor}"
 
 
 def build_serialized_engine(
@@ -185,36 +161,15 @@ def build_serialized_engine(
     ``timing_cache``: a file read before the build (when it exists) and rewritten atomically after it, so
     later builds for the same GPU and TensorRT version skip kernel timing.
     """
-    from ddpm.io import write_bytes_atomic
-
     precision = parse_precision(precision)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        for i, err in enumerate(errors):
-            log(f"TensorRT ONNX parser error {i + 1}/{len(errors)}: {err}")
-        first = " ".join(errors[0].split())[:200] if errors else "no error recorded"
-        raise ArtifactError(
-            f"TensorRT {trt.__version__}'s ONNX parser rejected the graph ({len(errors)} error(s), printed above); "
-            f"first: {first}"
-        )
-
+        _raise_parser_errors(trt, parser, log)
     config = builder.create_builder_config()
-    opt_profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        if tensor.name == "x":
-            shapes = [(b, *sample_shape) for b in (profile.min, profile.opt, profile.max)]
-        elif tensor.name == "t":
-            shapes = [(profile.min,), (profile.opt,), (profile.max,)]
-        else:
-            raise ArtifactError(f"the ONNX graph has an unexpected input {tensor.name!r} (expected x and t)")
-        opt_profile.set_shape(tensor.name, *shapes)
-    config.add_optimization_profile(opt_profile)
-
+    config.add_optimization_profile(_optimization_profile(builder, network, sample_shape, profile))
     # Strongly typed: fp16/bf16 come from the graph's types. TF32 is a math mode for fp32 tensors, on by default.
     if precision == "tf32":
         config.set_flag(trt.BuilderFlag.TF32)
@@ -225,8 +180,50 @@ def build_serialized_engine(
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-
     cache_path = Path(timing_cache) if timing_cache is not None else None
+    _load_timing_cache(config, cache_path, log)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ArtifactError(
+            f"TensorRT {trt.__version__} could not build the engine (see the TensorRT log above)"
+        )
+    if cache_path is not None:
+        write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        log(f"timing cache: saved {cache_path}")
+    return bytes(memoryview(serialized))
+
+
+def _raise_parser_errors(trt: Any, parser: Any, log: Callable[[str], None]) -> None:
+    """Every ONNX-parser error printed (Polygraphy's habit), then one ArtifactError naming the first."""
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    for i, err in enumerate(errors):
+        log(f"TensorRT ONNX parser error {i + 1}/{len(errors)}: {err}")
+    first = " ".join(errors[0].split())[:200] if errors else "no error recorded"
+    raise ArtifactError(
+        f"TensorRT {trt.__version__}'s ONNX parser rejected the graph ({len(errors)} error(s), printed above); "
+        f"first: {first}"
+    )
+
+
+def _optimization_profile(
+    builder: Any, network: Any, sample_shape: Sequence[int], profile: BatchProfile
+) -> Any:
+    """One profile over the batch axis: x [N, *sample_shape] and t [N] for N in MIN..MAX, tuned for OPT."""
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name == "x":
+            shapes = [(b, *sample_shape) for b in (profile.min, profile.opt, profile.max)]
+        elif tensor.name == "t":
+            shapes = [(profile.min,), (profile.opt,), (profile.max,)]
+        else:
+            raise ArtifactError(f"the ONNX graph has an unexpected input {tensor.name!r} (expected x and t)")
+        opt_profile.set_shape(tensor.name, *shapes)
+    return opt_profile
+
+
+def _load_timing_cache(config: Any, cache_path: Path | None, log: Callable[[str], None]) -> None:
+    """Attach the timing cache read from ``cache_path`` (when usable), else a fresh one."""
     blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     try:
         cache = config.create_timing_cache(blob)
@@ -238,20 +235,9 @@ def build_serialized_engine(
             log(
                 f"timing cache {cache_path} is unreadable or from another GPU / TensorRT version; starting afresh"
             )
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     elif blob:
         log(f"timing cache: reusing {cache_path} ({len(blob)} bytes)")
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ArtifactError(
-            f"TensorRT {trt.__version__} could not build the engine (see the TensorRT log above)"
-        )
-    if cache_path is not None:
-        write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-        log(f"timing cache: saved {cache_path}")
-    return bytes(memoryview(serialized))
 
 
 def make_sidecar(
@@ -266,12 +252,9 @@ def make_sidecar(
     version_compatible: bool = False,
     hardware_compat: str | None = None,
 ) -> dict[str, Any]:
-    """The sidecar JSON object: the artifact metadata (DESIGN.md keys and export extras) with native JSON values,
-    plus the TensorRT facts the runtime checks before deserialising (runtime/artifacts.py reads it back)."""
-    import hashlib
-
-    from ddpm.metadata import decode_metadata, encode_metadata
-
+    """The sidecar JSON object: the artifact metadata (docs/design.md, "Artifacts", plus export extras) with
+    native JSON values, plus the TensorRT facts the runtime checks before deserialising (ddpm.artifacts reads
+    it back)."""
     # Round trip through the str->str codec: validates, and gives native JSON values for the structured keys.
     base = {k: v for k, v in meta.items() if k not in _SIDECAR_OWN}
     if "weights_sha256" in meta:  # provenance: which ONNX weights the engine was built from

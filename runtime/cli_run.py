@@ -1,6 +1,7 @@
 """``ddpm run``: sample from an exported engine (or a checkpoint) and write a PNG and/or an npz.
 
-Only typer and the standard library at module level: torch, onnxruntime and tensorrt load inside the command.
+The command parses its options, calls one library function (:func:`ddpm.runtime.sampling.sample_run`: the
+artifact opened once, the plan built once, the one reverse loop) and writes what it returns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import Annotated
 
 import typer
 
+from ddpm.errors import InvalidArgumentError
+from ddpm.io import atomic_path, check_writable
+
 __all__ = ["register", "run_command", "save_npz"]
 
 
@@ -20,8 +24,7 @@ def save_npz(samples, path: str | os.PathLike) -> Path:
     guided-diffusion's layout, what FID tools read), float32 [M, D] for vectors such as 2-D points."""
     import numpy as np
 
-    from ddpm.images import to_uint8_nhwc
-    from ddpm.io import atomic_path
+    from ddpm.images import to_uint8_nhwc  # numpy at import: kept out of `ddpm --help`
 
     arr = to_uint8_nhwc(samples) if samples.dim() == 4 else samples.detach().to("cpu").float().numpy()
     with atomic_path(path, what="--npz") as tmp:
@@ -30,43 +33,65 @@ def save_npz(samples, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _progress(total: int, enabled: bool):
-    """A rich progress bar on stderr with steps/s; returns (context manager, on_step callback)."""
-    import contextlib
+class _Progress:
+    """A rich progress bar on stderr with steps/s, started once the run's length is known (``start``)."""
 
-    if not enabled:
-        return contextlib.nullcontext(), None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.task = enabled, None, None
 
-    class StepRate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} steps/s" if task.speed else "")
+    def start(self, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
 
-    progress = Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        StepRate(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    task = progress.add_task("sampling", total=total)
+        class StepRate(ProgressColumn):
+            def render(self, task) -> Text:
+                return Text(f"{task.speed:.1f} steps/s" if task.speed else "")
 
-    def on_step(k: int) -> None:  # host-side bookkeeping only: no device sync
-        progress.advance(task, k)
+        self.bar = Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            StepRate(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("sampling", total=total)
+        self.bar.start()
 
-    return progress, on_step
+    def advance(self, k: int) -> None:  # host-side bookkeeping only: no device sync
+        if self.bar is not None:
+            self.bar.advance(self.task, k)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _check_outputs(out: Path | None, npz: Path | None) -> Path | None:
+    """The output paths, checked before the (long) run: no sampling only to fail at the write."""
+    if out is None and npz is None:
+        out = Path("samples.png")
+    if out is not None:
+        if Path(out).suffix.lower() != ".png":
+            raise InvalidArgumentError(f"--out {str(out)!r} must be a .png file (use --npz for arrays)")
+        check_writable(out, what="--out")
+    if npz is not None:
+        if Path(npz).suffix.lower() != ".npz":
+            raise InvalidArgumentError(f"--npz {str(npz)!r} must end in .npz")
+        check_writable(npz, what="--npz")
+    return out
 
 
 def run_command(
@@ -89,56 +114,54 @@ def run_command(
     npz: Path | None,
     progress: bool,
 ) -> None:
-    """The body of ``ddpm run`` (a library call the CLI and scripts share)."""
-    from .backends import open_backend
-    from ddpm.errors import InvalidArgumentError
+    """The body of ``ddpm run``: check the outputs, call :func:`sample_run`, write what it returns."""
+    # torch (and numpy) load here, not at module import: `ddpm --help` stays fast
     from ddpm.images import save_samples_png
-    from ddpm.io import check_writable
-    from .sampling import SamplingPlan, run_batches
-    from ddpm.diffusion import check_clip
 
-    # Everything checkable before the (long) run is checked first: no sampling only to fail at the write.
-    if out is None and npz is None:
-        out = Path("samples.png")
-    if out is not None:
-        if Path(out).suffix.lower() != ".png":
-            raise InvalidArgumentError(f"--out {str(out)!r} must be a .png file (use --npz for arrays)")
-        check_writable(out, what="--out")
-    if npz is not None:
-        if Path(npz).suffix.lower() != ".npz":
-            raise InvalidArgumentError(f"--npz {str(npz)!r} must end in .npz")
-        check_writable(npz, what="--npz")
+    from .sampling import sample_run
+
+    out = _check_outputs(out, npz)
+    # the options' own names in the message (the library says num_samples / batch)
     if num_samples < 1:
         raise InvalidArgumentError(f"--num-samples must be >= 1, got {num_samples}")
     if batch < 1:
         raise InvalidArgumentError(f"--batch must be >= 1, got {batch}")
-    check_clip(clip)
+    bar = _Progress(progress)
 
-    with open_backend(
-        engine, device=device, compile=compile, threads=threads, cuda_graph=cuda_graph
-    ) as backend:
-        plan = SamplingPlan.create(
-            backend.meta,
+    def on_start(backend, plan) -> None:
+        meta = backend.meta
+        typer.echo(f"backend: {backend.name} on {backend.device} [{backend.description}]")
+        typer.echo(
+            f"model: {meta['model']['arch']} {meta['sample_shape']} trained on {meta['dataset']!r} "
+            f"(step {meta['step']}); sampling {plan.sampler} {plan.steps}/"
+            f"{meta['schedule'].get('timesteps', '?')} steps, prediction {plan.prediction}"
+        )
+        bar.start(-(-num_samples // batch) * plan.steps)
+
+    try:
+        result = sample_run(
+            engine,
+            num_samples,
             steps=steps,
+            batch=batch,
+            seed=seed,
             sampler=sampler,
             eta=eta,
             variance=variance,
             clip=clip,
-            seed=seed,
             kernel=kernel,
+            device=device,
+            compile=compile,
+            cuda_graph=cuda_graph,
+            threads=threads,
+            on_start=on_start,
+            on_step=bar.advance,
         )
-        typer.echo(f"backend: {backend.name} on {backend.device} [{backend.description}]")
-        typer.echo(
-            f"model: {backend.meta['model']['arch']} {backend.meta['sample_shape']} trained on "
-            f"{backend.meta['dataset']!r} (step {backend.meta['step']}); sampling {plan.sampler} "
-            f"{plan.steps}/{backend.meta['schedule'].get('timesteps', '?')} steps, prediction {plan.prediction}"
-        )
-        batches = -(-num_samples // batch)
-        bar, on_step = _progress(batches * plan.steps, progress)
-        with bar:
-            result = run_batches(backend, plan, num_samples, batch, cuda_graph=cuda_graph, on_step=on_step)
+    finally:
+        bar.stop()
+    title = f"{result.samples.shape[0]} samples, {result.steps} steps"
     if out is not None:
-        save_samples_png(result.samples, out, title=f"{result.samples.shape[0]} samples, {plan.steps} steps")
+        save_samples_png(result.samples, out, title=title)
         typer.echo(f"wrote {out}")
     if npz is not None:
         save_npz(result.samples, npz)
@@ -160,7 +183,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[
             int, typer.Option(help="Philox seed: sample k is the same for any --batch/backend")
         ] = 0,
-        sampler: Annotated[str, typer.Option(help="ddpm | ddim")] = "ddpm",
+        sampler: Annotated[
+            str, typer.Option(help="ddpm | ddim | dpm++2m | dpm++2m-sde (any name ddpm.Sampler accepts)")
+        ] = "ddpm",
         eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic, 1 = DDPM-like)")] = 0.0,
         variance: Annotated[
             str, typer.Option(help="DDPM variance: fixed_small | fixed_large")
@@ -189,7 +214,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
     ) -> None:
-        """Sample: x_T from Philox, then m = backend(x, t) and x = fused_step(...) for every step."""
+        """Sample: x_T from Philox, then m = backend(x, t) and x = fused step(...) for every step (ddpm.reverse)."""
         run_command(
             engine,
             steps=steps,

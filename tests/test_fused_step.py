@@ -38,7 +38,7 @@ def _inputs(rng, shape, spread=2.0):
 
 
 def _assert_close(out, ref, x, m, z, coeffs):
-    a, b, p, q, sigma = coeffs
+    a, b, _c, p, q, sigma = coeffs
     xd, md, zd = (t.double() for t in (x, m, z))
     scale = (a * xd).abs() + abs(b) * ((p * xd).abs() + (q * md).abs()) + (sigma * zd).abs() + 1e-30
     err = float(((out.double() - ref.double()).abs() / scale).max())
@@ -179,7 +179,7 @@ def _bad(**overrides):
     args = dict(
         x=x,
         m=m,
-        coeffs=(0.9, 0.1, 1.0, -0.5, 0.1),
+        coeffs=(0.9, 0.1, 0.0, 1.0, -0.5, 0.1),
         clip=math.inf,
         seed=1,
         step_index=3,
@@ -206,8 +206,8 @@ def _bad(**overrides):
         (dict(sample_offset=2**32 - 1), r"sample_offset \+ N must be <= 2\^32"),
         (dict(clip=0.0), r"clip must be > 0"),
         (dict(clip=float("nan")), r"clip must be > 0"),
-        (dict(coeffs=(0.9, 0.1, 1.0)), r"coeffs must be 5 floats"),
-        (dict(coeffs=(0.9, 0.1, 1.0, float("inf"), 0.1)), r"coefficient q is not finite"),
+        (dict(coeffs=(0.9, 0.1, 1.0)), r"coeffs must be 6 floats"),
+        (dict(coeffs=(0.9, 0.1, 0.0, 1.0, float("inf"), 0.1)), r"coefficient q is not finite"),
     ],
 )
 def test_raw_argument_errors(overrides, match):

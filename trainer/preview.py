@@ -1,8 +1,7 @@
 """What training writes besides the checkpoint: sample grids from a reference sampling loop, the loss curve.
 
-``reference_sample`` is the plain loop of Algorithm 2 over a (respaced) schedule with ``ddpm.step`` — the
-trainer's previews and the quality tests use it; the fast runtime (fused kernel, ONNX, TensorRT) is checked
-against the same math elsewhere.
+``reference_sample`` draws previews with the project's one reverse loop (``ddpm.reverse``) and the plain torch
+step ``ddpm.step`` as its executor; the trainer's previews and the quality tests use it.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ from torch import nn
 
 from ddpm.images import new_figure, save_figure
 from ddpm.io import write_text_atomic
+from ddpm.loop import ReversePlan, run_reverse
+from ddpm.noise import initial_noise
 from ddpm.schedule import Prediction, Schedule
-from ddpm.diffusion import step
 
 __all__ = ["reference_sample", "write_loss_csv", "plot_loss", "read_loss_csv"]
 
 
-@torch.no_grad()
 def reference_sample(
     model: nn.Module,
     schedule: Schedule,
@@ -39,24 +38,25 @@ def reference_sample(
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """Draw ``n`` samples [n, *sample_shape] float32 with DDPM ancestral sampling (Algorithm 2, fixed_small
-    variance) over ``schedule.respace(steps)`` (all steps when None), feeding the model original timesteps.
+    """Draw ``n`` samples [n, *sample_shape] float32 with DDPM ancestral sampling (Ho et al. Algorithm 2,
+    fixed_small variance) over ``schedule.respace(steps)`` (all steps when None), feeding the model original
+    timesteps: :func:`ddpm.reverse` with the reference executor (``ddpm.step``), in batches of ``batch_size``.
 
-    Noise comes from a torch.Generator seeded with ``seed`` (the global RNG is not touched). ``clip`` bounds
-    the predicted x0 (1.0 for images in [-1, 1]; None for unbounded data such as the swiss roll).
+    The noise is Philox keyed by (``seed``, sample index, step), as in ``ddpm run`` (the global torch RNG is
+    not touched). ``clip`` bounds the predicted x0 (1.0 for images in [-1, 1]; None for unbounded data such
+    as the swiss roll).
     """
     sched = schedule if steps is None else schedule.respace(int(steps))
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    plan = ReversePlan.parse(sched, prediction=prediction, clip=clip, seed=seed)
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t).float()  # a module under autocast may answer in half precision
+
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        x = torch.randn(b, *sample_shape, generator=gen, device=device)
-        for i in reversed(range(len(sched))):
-            t = torch.full((b,), int(sched.timesteps[i]), dtype=torch.int64, device=device)
-            m = model(x, t).float()
-            z = torch.randn(x.shape, generator=gen, device=device) if i > 0 else None
-            x = step(sched, i, x, m, z, prediction=prediction, clip=clip)
-        out.append(x)
+        x = initial_noise(plan.seed, (b, *sample_shape), sample_offset=start, device=device)
+        out.append(run_reverse(denoiser, x, plan, sample_offset=start, kernel="reference"))
     return torch.cat(out)
 
 

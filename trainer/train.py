@@ -29,13 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpm.errors import ArtifactError, InvalidArgumentError
-from ddpm.io import atomic_path, write_text_atomic
-from ddpm.schedule import Prediction, Schedule
+from ddpm.devices import resolve_device
 from ddpm.diffusion import q_sample, training_target
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.images import save_samples_png
+from ddpm.io import atomic_path, write_text_atomic
+from ddpm.models import build_model, count_params, preset_config
+from ddpm.schedule import Prediction, Schedule
+
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .data import Dataset, dataset_kind, load_dataset
-from ddpm.models import build_model, count_params, preset_config
 from .preview import plot_loss, reference_sample, write_loss_csv
 from .progress import TrainProgress
 
@@ -155,14 +158,6 @@ def _validate(c: TrainConfig) -> None:
     Prediction.parse(c.prediction)
     if c.schedule not in ("linear", "cosine"):
         raise InvalidArgumentError(f"unknown schedule kind {c.schedule!r}; allowed: linear, cosine")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -285,7 +280,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Path:
     out = Path(cfg.out)
     _check_out_dir(out)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, flip=cfg.flip).to(device)
     schedule = Schedule.create(cfg.schedule, cfg.timesteps)
     model_cfg = _model_config(cfg, ds)
@@ -378,8 +373,6 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
 
 
 def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device, k: int) -> None:
-    from ddpm.images import save_samples_png
-
     n = cfg.num_samples or (64 if ds.is_image else 1000)
     x = reference_sample(
         ema,

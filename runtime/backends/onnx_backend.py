@@ -6,27 +6,34 @@ memory shared with torch and the session runs on the torch stream the sampling l
 (``user_compute_stream``), with no host synchronisation after a run. ``cuda_graph=True`` turns on onnxruntime's
 own CUDA-graph capture (it needs the bound addresses to stay fixed, so x and t are copied into static buffers).
 
-The CUDA EP is requested only when torch sees a GPU: asking for it on a machine without the CUDA 13 / cuDNN 9
-libraries prints a loud error and falls back (DESIGN.md), so on CPU the session names CPUExecutionProvider alone.
+The file is parsed once per open, by onnxruntime: the ddpm metadata comes from the session's model metadata
+(``metadata_props``), not from a second parse with the onnx package. The CUDA EP is requested only for a CUDA
+device: asking for it on a machine without the CUDA 13 / cuDNN 9 libraries prints a loud error and falls back
+(docs/design.md, "Environment facts"), so on CPU the session names
+CPUExecutionProvider alone.
 """
 
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
+from ddpm.devices import default_cpu_threads
 from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
-from ._common import check_call
+from ddpm.metadata import decode_metadata
 
-__all__ = ["OnnxRuntimeBackend", "import_onnxruntime"]
+from .base import Backend
+
+__all__ = ["OnnxRuntimeBackend", "import_onnxruntime", "onnxruntime_session"]
 
 _ORT_TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(int64)": (np.int64, torch.int64)}
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as e:
@@ -37,76 +44,104 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def _read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    from ddpm.artifacts import read_metadata
+def onnxruntime_session(
+    model: str | bytes,
+    device: torch.device,
+    *,
+    source: str,
+    threads: int | None = None,
+    spin: bool = False,
+    stream: torch.cuda.Stream | None = None,
+    cuda_graph: bool = False,
+    tf32: bool = True,
+) -> Any:
+    """The one place an ``onnxruntime.InferenceSession`` is built: CPU EP, or CUDA EP on ``stream`` (+ CPU).
 
-    return read_metadata(path)
+    ``tf32=False`` keeps the CUDA EP's convolutions in fp32 (parity checks compare fp32 arithmetic).
+    """
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or default_cpu_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: warnings about unused initialisers etc. are noise here
+    # No busy-waiting between ops: the fused step's OpenMP threads run right after each call, and two
+    # spinning pools on the same cores starve each other (measured on a 2-core machine with a second
+    # process busy: batch-64 digits UNet 45 ms/call spinning, 23 ms not; 21 ms on one thread).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if stream is None:  # ORT treats stream handle 0 as "none", and torch's default stream is 0
+            raise InvalidArgumentError("the onnxruntime CUDA EP needs a non-default torch stream")
+        cuda_opts = {
+            "device_id": str(device.index or 0),
+            "user_compute_stream": str(stream.cuda_stream),
+            "has_user_compute_stream": "1",
+            "enable_cuda_graph": "1" if cuda_graph else "0",
+            "arena_extend_strategy": "kSameAsRequested",
+        }
+        if not tf32:
+            cuda_opts["use_tf32"] = "0"
+        providers.insert(0, ("CUDAExecutionProvider", cuda_opts))
+    try:
+        session = ort.InferenceSession(model, so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if type(e).__name__ == "InvalidProtobuf":
+            raise ArtifactError(f"{source}: not a readable ONNX model (onnxruntime: {first})") from None
+        raise ArtifactError(
+            f"{source}: onnxruntime {ort.__version__} cannot load this model: {first}"
+        ) from None
+    if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise MissingDependencyError(
+            "onnxruntime could not start its CUDA execution provider (needs onnxruntime-gpu with the CUDA 13 "
+            "and cuDNN 9 libraries); use --device cpu"
+        )
+    return session
 
 
-class OnnxRuntimeBackend:
-    """An onnxruntime session over ``path`` with IO binding; ``backend(x, t) -> model output`` on ``device``."""
+class OnnxRuntimeBackend(Backend):
+    """An onnxruntime session over an ONNX file (or its bytes) with IO binding, on ``device``.
+
+    ``meta``: the metadata when the caller already holds it (the exporter); otherwise it is decoded from the
+    session's model metadata, so the file is parsed once.
+    """
 
     name = "onnxruntime"
     capturable = False  # onnxruntime records its own CUDA graph (cuda_graph=True); torch cannot capture a run
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        model: str | os.PathLike | bytes,
         device: torch.device,
         *,
         threads: int | None = None,
         cuda_graph: bool = False,
         meta: dict[str, Any] | None = None,
         spin: bool = False,
+        tf32: bool = True,
     ) -> None:
         ort = import_onnxruntime()
-        from . import default_cpu_threads
-
-        self.path = os.fspath(path)
-        self.meta = meta if meta is not None else _read_metadata(path)
-        self.sample_shape = tuple(int(s) for s in self.meta["sample_shape"])
-        self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
+        device = torch.device(device)
+        cuda = device.type == "cuda"
         if cuda_graph and not cuda:
             raise InvalidArgumentError("--cuda-graph needs a CUDA device; the onnxruntime backend is on cpu")
+        self.source = "ONNX graph (in memory)" if isinstance(model, bytes) else os.fspath(model)
         self.cuda_graph = cuda_graph
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or default_cpu_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3  # errors only: warnings about unused initialisers etc. are noise here
-        # No busy-waiting between ops: the fused step's OpenMP threads run right after each call, and two
-        # spinning pools on the same cores starve each other (measured on a 2-core machine with a second
-        # process busy: batch-64 digits UNet 45 ms/call spinning, 23 ms not; 21 ms on one thread).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if cuda:
-            # ORT treats stream handle 0 as "none", and torch's default stream is 0: use a stream of our own.
-            self.stream = torch.cuda.Stream(self.device)
-            cuda_opts = {
-                "device_id": str(self.device.index or 0),
-                "user_compute_stream": str(self.stream.cuda_stream),
-                "has_user_compute_stream": "1",
-                "enable_cuda_graph": "1" if cuda_graph else "0",
-                "arena_extend_strategy": "kSameAsRequested",
-            }
-            providers: list[Any] = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
-        else:
-            self.stream = None
-            providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(self.path, so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(
-                f"{self.path}: onnxruntime {ort.__version__} cannot load this model: {first}"
-            ) from None
-        if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise MissingDependencyError(
-                "onnxruntime could not start its CUDA execution provider (needs onnxruntime-gpu with the CUDA 13 "
-                "and cuDNN 9 libraries); use --device cpu"
-            )
+        stream = torch.cuda.Stream(device) if cuda else None
+        self.session = onnxruntime_session(
+            model if isinstance(model, bytes) else self.source, device, source=self.source, threads=threads,
+            spin=spin, stream=stream, cuda_graph=cuda_graph, tf32=tf32,
+        )  # fmt: skip
+        if meta is None:
+            meta = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map), source=self.source)
+        provider = self.session.get_providers()[0]
+        extra = "" if cuda else f", {threads or default_cpu_threads()} intra-op threads"
+        extra += ", onnxruntime CUDA graph" if cuda_graph else ""
+        super().__init__(
+            meta, device, description=f"onnxruntime {ort.__version__} ({provider}{extra})", stream=stream
+        )
         self._find_io()
         self.run_options = ort.RunOptions()
         if cuda:
@@ -115,10 +150,6 @@ class OnnxRuntimeBackend:
         self.binding = self.session.io_binding()
         self._out: torch.Tensor | None = None
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
-        provider = self.session.get_providers()[0]
-        extra = f", {so.intra_op_num_threads} intra-op threads" if not cuda else ""
-        extra += ", onnxruntime CUDA graph" if cuda_graph else ""
-        self.description = f"onnxruntime {ort.__version__} ({provider}{extra})"
 
     def _find_io(self) -> None:
         """Name the x / t inputs and the output, and check them against the metadata's sample shape."""
@@ -129,14 +160,14 @@ class OnnxRuntimeBackend:
         if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
             sig = ", ".join(f"{i.name}: {i.type}{i.shape}" for i in ins)
             raise ArtifactError(
-                f"{self.path}: expected a denoiser with inputs x [N, {', '.join(map(str, self.sample_shape))}] "
+                f"{self.source}: expected a denoiser with inputs x [N, {', '.join(map(str, self.sample_shape))}] "
                 f"float32 and t [N] and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
             )
         x, t = xs[0], ts[0]
         for got, want in zip(x.shape[1:], self.sample_shape, strict=True):
             if isinstance(got, int) and got != want:
                 raise ArtifactError(
-                    f"{self.path}: inconsistent metadata: input {x.name!r} has shape {x.shape} but the metadata "
+                    f"{self.source}: inconsistent metadata: input {x.name!r} has shape {x.shape} but the metadata "
                     f"says sample_shape {list(self.sample_shape)}"
                 )
         self.x_name, self.t_name, self.out_name = x.name, t.name, outs[0].name
@@ -149,12 +180,11 @@ class OnnxRuntimeBackend:
         bind = self.binding.bind_output if output else self.binding.bind_input
         bind(name, kind, index, dtype, list(tensor.shape), tensor.data_ptr())
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_call(x, t, self.sample_shape, self.device)
+    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.fixed_batch is not None and n != self.fixed_batch:
             raise InvalidArgumentError(
-                f"{self.path} was exported for batch {self.fixed_batch} only; use --batch {self.fixed_batch} "
+                f"{self.source} was exported for batch {self.fixed_batch} only; use --batch {self.fixed_batch} "
                 "or export with a dynamic batch"
             )
         if self.cuda_graph:
@@ -190,10 +220,7 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(self.binding, self.run_options)
         return out
 
-    def __enter__(self) -> OnnxRuntimeBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def _release(self) -> None:
         self.binding = None
         self.session = None
         self._out = None

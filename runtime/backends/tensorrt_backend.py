@@ -17,73 +17,46 @@ from typing import Any
 
 import torch
 
-from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError, SamplingError
-from ._common import check_call
+from ddpm.artifacts import check_engine_compat, read_metadata
+from ddpm.devices import gpu_facts, import_tensorrt
+from ddpm.errors import ArtifactError, InvalidArgumentError, SamplingError
+
+from .base import Backend
 
 __all__ = ["TensorRTBackend", "import_tensorrt"]
 
-INSTALL_HINT = (
-    "install TensorRT 10 on a machine with an NVIDIA GPU and driver: pip install 'ddpm[trt]' "
-    "(or use the ONNX file with the onnxruntime backend)"
-)
 
+class TensorRTBackend(Backend):
+    """One TensorRT execution context over a deserialised engine; ``backend(x, t)`` on a CUDA device.
 
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"the tensorrt backend needs the tensorrt package ({e}); {INSTALL_HINT}"
-        ) from None
-    major = int(str(tensorrt.__version__).split(".")[0])
-    if major < 10:
-        raise MissingDependencyError(
-            f"tensorrt {tensorrt.__version__} is too old (need >= 10); {INSTALL_HINT}"
-        )
-    return tensorrt
-
-
-def _check_compat(path: Path, meta: dict[str, Any], trt: Any, device: torch.device) -> None:
-    """The sidecar checked against the running TensorRT version and GPU (runtime/artifacts.py)."""
-    from ddpm.artifacts import check_engine_compat
-
-    major, minor = torch.cuda.get_device_capability(device)
-    check_engine_compat(
-        meta,
-        trt_version=trt.__version__,
-        gpu_name=torch.cuda.get_device_name(device),
-        compute_capability=(major, minor),
-        source=str(path),
-    )
-
-
-class TensorRTBackend:
-    """One TensorRT execution context over a deserialised engine; ``backend(x, t)`` on a CUDA device."""
+    ``meta``: the sidecar's metadata when the caller already read it (``open_backend``); otherwise it is read
+    here, before anything else, so a missing or inconsistent sidecar is reported first on any machine.
+    """
 
     name = "tensorrt"
     capturable = True
 
-    def __init__(self, path: str | os.PathLike, device: torch.device) -> None:
-        from ddpm.artifacts import read_metadata
-
+    def __init__(
+        self, path: str | os.PathLike, device: torch.device, *, meta: dict[str, Any] | None = None
+    ) -> None:
         self.path = Path(path)
-        self.device = torch.device(device)
+        device = torch.device(device)
         # Order of checks: the files (sidecar present and consistent), then the device, then TensorRT itself.
-        self.meta = read_metadata(self.path)
-        if self.device.type != "cuda":
+        meta = meta if meta is not None else read_metadata(self.path)
+        if device.type != "cuda":
             raise InvalidArgumentError(
-                f"{self.path.name} is a TensorRT engine: it runs only on a CUDA GPU, got device {self.device}; "
+                f"{self.path.name} is a TensorRT engine: it runs only on a CUDA GPU, got device {device}; "
                 "use the ONNX file for CPU"
             )
         trt = import_tensorrt()
-        _check_compat(self.path, self.meta, trt, self.device)
-        self.sample_shape = tuple(int(s) for s in self.meta["sample_shape"])
-        self.stream = None
+        gpu_name, cc = gpu_facts(device)
+        check_engine_compat(meta, trt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
+                            source=str(self.path))  # fmt: skip
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(device):
             self._runtime = trt.Runtime(self._logger)
-            if self.meta.get("version_compatible"):
+            if meta.get("version_compatible"):
                 # version-compatible engines embed a lean runtime that must be allowed to run host code
                 self._runtime.engine_host_code_allowed = True
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -92,13 +65,11 @@ class TensorRTBackend:
                     f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine"
                 )
             self.context = self.engine.create_execution_context()
+        super().__init__(meta, device, description=f"tensorrt {trt.__version__} on {gpu_name}")
         self._find_io()
+        self.description += f" (batch {self.min_batch}..{self.max_batch})"
         self._n: int | None = None
         self._out: torch.Tensor | None = None
-        self.description = (
-            f"tensorrt {trt.__version__} on {torch.cuda.get_device_name(self.device)} "
-            f"(batch {self.min_batch}..{self.max_batch})"
-        )
 
     def _find_io(self) -> None:
         trt, eng = self._trt, self.engine
@@ -129,11 +100,11 @@ class TensorRTBackend:
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         if tuple(int(d) for d in lo[1:]) != self.sample_shape:
             raise ArtifactError(
-                f"{self.path}: inconsistent metadata: engine input {list(lo[1:])} vs sample_shape {list(self.sample_shape)}"
+                f"{self.path}: inconsistent metadata: engine input {list(lo[1:])} vs sample_shape "
+                f"{list(self.sample_shape)}"
             )
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_call(x, t, self.sample_shape, self.device)
+    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if n != self._n:
             if not (self.min_batch <= n <= self.max_batch):
@@ -159,12 +130,10 @@ class TensorRTBackend:
         out = self._out
         return out if out.dtype == torch.float32 else out.float()
 
-    def __enter__(self) -> TensorRTBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def _release(self) -> None:
         # Context before engine before runtime: TensorRT objects must die in reverse order of creation.
         self.context = None
         self.engine = None
         self._runtime = None
         self._out = None
+        self._keep = None

@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 
-from ddpm.errors import ArtifactError, InvalidArgumentError
-from ._common import check_call
+from ddpm.checkpoint import load_model
+from ddpm.errors import InvalidArgumentError
+
+from .base import Backend
 
 __all__ = ["TorchBackend"]
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """``backend(x, t) = model(x, t)`` under ``torch.inference_mode``, on ``device``."""
 
     name = "torch"
@@ -33,22 +35,23 @@ class TorchBackend:
         source: str = "module",
         threads: int | None = None,
     ) -> None:
-        self.meta = meta
-        # torch's intra-op thread count is process-wide: set it for the backend's lifetime, restore it on exit.
+        device = torch.device(device)
+        # torch's intra-op thread count is process-wide: set it for the backend's lifetime, restore it on close.
         self._saved_threads = torch.get_num_threads()
-        if threads is not None and torch.device(device).type == "cpu":
+        if threads is not None and device.type == "cpu":
             torch.set_num_threads(threads)
-        self.device = torch.device(device)
-        self.stream = None
-        self.sample_shape = tuple(int(s) for s in meta["sample_shape"])
-        self.model = model.to(self.device).eval()
+        self.model: torch.nn.Module | None = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._fn = torch.compile(self.model) if compile else self.model
         mode = "torch.compile" if compile else "eager"
-        where = self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
-        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        self.description = f"torch {torch.__version__} ({mode}) on {where}{threads}, from {source}"
+        where = device.type if device.type == "cpu" else torch.cuda.get_device_name(device)
+        n_threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+        super().__init__(
+            meta,
+            device,
+            description=f"torch {torch.__version__} ({mode}) on {where}{n_threads}, from {source}",
+        )
 
     @classmethod
     def from_checkpoint(
@@ -59,29 +62,18 @@ class TorchBackend:
         compile: bool = False,
         threads: int | None = None,
     ) -> TorchBackend:
-        """Load a safetensors checkpoint (no code runs while loading) with its metadata."""
-        # Lazy: runtime depends on nothing of ours but ddpm._C; only this backend needs the trainer's models.
-        try:
-            from ddpm.checkpoint import load_model
-        except ImportError as e:  # pragma: no cover - the trainer ships with the package
-            raise ArtifactError(
-                f"{path}: the torch backend needs ddpm.trainer to rebuild the model ({e})"
-            ) from None
+        """Load a safetensors checkpoint (no code runs while loading); its metadata comes with the weights."""
         model, meta = load_model(path, device=device)
         return cls(model, meta, device, compile=compile, source=os.fspath(path), threads=threads)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_call(x, t, self.sample_shape, self.device)
+    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             out = self._fn(x, t)
         if out.shape != x.shape:
             raise InvalidArgumentError(f"model output shape {list(out.shape)} != input shape {list(x.shape)}")
         return out
 
-    def __enter__(self) -> TorchBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def _release(self) -> None:
         # Drop the compiled wrapper and the weights with the backend; device memory returns to the allocator.
         self._fn = None
         self.model = None

@@ -1,0 +1,99 @@
+"""``ddpm bench``'s report: the markdown tables and the speed-up bar plot of a run_bench result."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddpm.images import new_figure, save_figure
+
+__all__ = ["render_markdown", "plot_report"]
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    if s >= 1e-6:
+        return f"{s * 1e6:.1f} µs"
+    return f"{s * 1e9:.0f} ns"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The machine, the command, then one table of stage rows, one of throughput, one of the targets."""
+    m = report["machine"]
+    lines = [
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, torch threads {report['config']['threads']}); copy bandwidth "
+        f"{report['rates']['copy_bandwidth_GBps']:.1f} GB/s, matmul {report['rates']['matmul_GFLOPps']:.0f} GFLOP/s",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    lines.append("| engine | batch | stage | impl | median | p90 | floor | x floor | speed-up vs eager |")
+    lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for res in report["results"]:
+        name = Path(res["engine"]).name
+        for r in res["rows"]:
+            note = ""
+            if r["stage"] == "loop" and res["loop_steps_timed"] != res["steps"]:
+                note = f" ({res['steps']} steps, timed over {res['loop_steps_timed']})"
+            xf = f"{r['x_floor']:.1f}" if r["x_floor"] else "-"
+            lines.append(
+                f"| {name} | {res['batch']} | {r['stage']}{note} | {r['impl']} | {_fmt_s(r['median_s'])} | "
+                f"{_fmt_s(r['p90_s'])} | {_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |"
+            )
+    lines.append("")
+    lines.append("| engine | batch | setup: backend load | samples/s | eager samples/s | peak memory |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for res in report["results"]:
+        peak = f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "-"
+        lines.append(
+            f"| {Path(res['engine']).name} | {res['batch']} | {_fmt_s(res['setup_s']['backend_load'])} | "
+            f"{res['samples_per_s']:.3g} | {res['eager_samples_per_s']:.3g} | {peak} |"
+        )
+    if report["targets"]:
+        lines += [
+            "",
+            "| target | engine | batch | required | measured | met |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
+        ]
+        for t in report["targets"]:
+            lines.append(
+                f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:.0f}x | "
+                f"{t['measured_ratio']:.2f}x | {'yes' if t['met'] else '**no**'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Bars per stage: speed-up over eager for every engine x batch (log scale), written atomically."""
+    labels: list[str] = []
+    groups: dict[str, list[float]] = {}
+    for j, res in enumerate(report["results"]):
+        labels.append(f"{Path(res['engine']).name}\nbatch {res['batch']}")
+        for r in res["rows"]:
+            if r.get("baseline"):
+                continue
+            # forward/loop rows are named after the backend; one bar series per stage keeps engines comparable
+            key = f"{r['stage']}: {r['impl']}" if r["stage"] == "update" else f"{r['stage']}: engine"
+            groups.setdefault(key, [math.nan] * len(report["results"]))[j] = r["speedup"]
+    fig, ax = new_figure((max(6, 2.2 * len(labels)), 4), dpi=120)
+    width = 0.8 / max(1, len(groups))
+    x = np.arange(len(labels))
+    for j, (name, vals) in enumerate(groups.items()):
+        ax.bar(x + j * width - 0.4 + width / 2, vals, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("speed-up over eager PyTorch")
+    ax.set_title(f"ddpm bench on {report['machine'].get('gpu') or report['machine']['cpu']}", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, what="--plot")

@@ -1,0 +1,240 @@
+"""The three measured stages of ``ddpm bench`` for one engine x batch size: forward, update, loop.
+
+Each stage times the engine's way against the eager-PyTorch baseline of runtime/baseline.py and returns its
+report rows (median, p90, floor, speed-up over the stage's baseline). The engine's loop is the project's one
+reverse loop (``ddpm.reverse``, via runtime/sampling.py) with the sampler asked for; the baseline loop stays the
+DDPM loop of separate torch ops + randn, on purpose outside ``ddpm.reverse``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ddpm.artifacts import artifact_kind
+from ddpm.checkpoint import load_model
+from ddpm.diffusion import step as reference_step
+from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
+from ddpm.models import build_model
+from ddpm.schedule import COEF_C, Sampler
+
+from . import baseline
+from .floors import DeviceRates, count_flops
+from .sampling import SamplingPlan, sample_batch
+from .sampling_graph import CudaGraphExecutor
+from .timing import Timing, peak_memory_bytes, peak_memory_reset, sync, time_fn
+
+if TYPE_CHECKING:
+    from .bench import BenchConfig
+
+__all__ = ["FUSED_TABLE", "Case", "eager_model", "bench_case"]
+
+FUSED_TABLE = "fused kernel (step table)"
+_ROTATE = 4  # rotating inputs, so no stage times a cache that already holds its one input
+
+
+def eager_model(engine: Path, meta: dict[str, Any], ckpt: Path | None, device: torch.device):
+    """The baseline network in eager torch, and where its weights came from."""
+    src = engine if artifact_kind(engine) == "checkpoint" else ckpt
+    if src is not None:
+        model, _ = load_model(src, device=device)
+        return model.eval(), f"checkpoint {src.name}"
+    torch.manual_seed(0)
+    return build_model(meta["model"]).to(device).eval(), "same architecture, random weights"
+
+
+@dataclass
+class Case:
+    """One engine x batch size: what every stage shares."""
+
+    cfg: BenchConfig
+    backend: Any
+    model: torch.nn.Module
+    plan: SamplingPlan
+    dev: torch.device
+    batch: int
+    rates: DeviceRates
+
+    def __post_init__(self) -> None:
+        self.shape = (self.batch, *self.plan.sample_shape)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        timesteps = torch.from_numpy(self.plan.schedule.timesteps.copy()).to(self.dev)
+        self.xs = [torch.randn(self.shape, generator=gen).to(self.dev) for _ in range(_ROTATE)]
+        idx = [torch.randint(0, self.plan.steps, (self.batch,), generator=gen) for _ in range(_ROTATE)]
+        self.ts = [timesteps[i.to(self.dev)] for i in idx]
+        self.ms = [torch.randn(self.shape, generator=gen).to(self.dev) for _ in range(_ROTATE)]
+        self.history = torch.zeros(self.shape, device=self.dev) if self.plan.table[:, COEF_C].any() else None
+
+
+def _row(stage: str, impl: str, t: Timing, floor_s: float | None, **extra: Any) -> dict[str, Any]:
+    r = {"stage": stage, "impl": impl, **t.as_dict(), "floor_s": floor_s}
+    r["x_floor"] = t.median / floor_s if floor_s else None
+    r.update(extra)
+    return r
+
+
+def bench_forward(case: Case, floor_s: float | None) -> tuple[list[dict[str, Any]], Timing, Timing]:
+    """The network alone: eager torch vs the engine's backend, on the same rotating (x, t)."""
+    xs, ts, reps = case.xs, case.ts, case.cfg.repeats
+    with torch.inference_mode():
+        eager = time_fn(lambda k: case.model(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps)
+    engine = time_fn(lambda k: case.backend(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps)
+    rows = [
+        _row("forward", "eager torch (baseline)", eager, floor_s, speedup=1.0, baseline=True),
+        _row("forward", case.backend.name, engine, floor_s, speedup=eager.median / engine.median),
+    ]
+    return rows, eager, engine
+
+
+def _table_stepper(case: Case, x: torch.Tensor, m: torch.Tensor, out: torch.Tensor):
+    """The update as the loops run it: a step table (row + Philox step index from the table's counter),
+    HostStepTable bound once on CPU, DeviceStepTable on CUDA. The counter runs down and wraps."""
+    plan, steps = case.plan, case.plan.steps
+    kw = {} if case.history is None else {"history": case.history}
+    if case.dev.type == "cuda":
+        table = DeviceStepTable(plan.table, plan.clip, plan.seed, 0, case.dev)
+
+        def run(k: int) -> torch.Tensor:
+            if k % steps == 0:
+                table.set_counter(steps - 1)
+            return table.step(x, m, out, **kw)
+
+        return run
+    host = HostStepTable(plan.table, plan.clip, plan.seed)
+    bound = host.bind(x, m, out, **kw)
+
+    def run_cpu(k: int) -> torch.Tensor:
+        if k % steps == 0:
+            host.set_counter(steps - 1)
+        return bound()
+
+    return run_cpu
+
+
+def bench_update(case: Case, floor_s: float) -> tuple[list[dict[str, Any]], Timing, Timing]:
+    """One middle step (sigma > 0 for the stochastic samplers): the baseline's separate ops + randn_like vs
+    ddpm.step vs the fused kernel, per call and from a step table."""
+    plan, dev, xs, ms = case.plan, case.dev, case.xs, case.ms
+    i = plan.steps // 2 if plan.steps > 1 else 0
+    reps = case.cfg.repeats * 5
+    seed_sched = baseline.EagerScheduler(plan.schedule, dev)
+    out = torch.empty(case.shape, device=dev)
+    kw = {} if case.history is None else {"history": case.history}
+    opts = {
+        "prediction": plan.prediction,
+        "sampler": plan.sampler,
+        "variance": plan.variance,
+        "eta": plan.eta,
+    }
+
+    def reference(k: int) -> torch.Tensor:
+        x, m = xs[k % _ROTATE], ms[k % _ROTATE]
+        return reference_step(
+            plan.schedule, i, x, m, torch.randn_like(x), clip=plan.clip_or_none, **opts, **kw
+        )
+
+    def fused(k: int) -> torch.Tensor:
+        x, m = xs[k % _ROTATE], ms[k % _ROTATE]
+        return fused_step_raw(x, m, plan.rows32[i], plan.clip, plan.seed, i, 0, out, **kw)
+
+    eager = time_fn(
+        lambda k: baseline.eager_update(seed_sched, i, xs[k % _ROTATE], ms[k % _ROTATE]),
+        device=dev,
+        repeats=reps,
+    )
+    ref = time_fn(reference, device=dev, repeats=reps)
+    raw = time_fn(fused, device=dev, repeats=reps)
+    table = time_fn(_table_stepper(case, xs[0], ms[0], out), device=dev, repeats=reps)
+    rows = [_row("update", "eager DDPM update (baseline)", eager, floor_s, speedup=1.0, baseline=True)]
+    for impl, t in (
+        ("ddpm.step (torch reference)", ref),
+        ("fused kernel (fused_step_raw)", raw),
+        (FUSED_TABLE, table),
+    ):
+        rows.append(_row("update", impl, t, floor_s, speedup=eager.median / t.median))
+    return rows, eager, raw
+
+
+def bench_loop(
+    case: Case, per_step: float, floor_s: float
+) -> tuple[list[dict[str, Any]], int, dict[str, Timing]]:
+    """The whole loop, timed over k <= steps steps (a respaced schedule, same per-step work) and scaled to
+    steps: the engine's ``ddpm.reverse`` loop vs the baseline's eager DDPM loop."""
+    cfg, backend, dev, steps, batch = case.cfg, case.backend, case.dev, case.plan.steps, case.batch
+    k = int(min(steps, max(2, cfg.loop_budget_s / per_step / 4)))  # 2 loops x (warm-up + timed)
+    kplan = (
+        case.plan
+        if k == steps
+        else SamplingPlan.create(backend.meta, steps=k, sampler=cfg.sampler, seed=cfg.seed)
+    )
+    graph = cfg.cuda_graph and dev.type == "cuda" and getattr(backend, "capturable", False)
+    executor = CudaGraphExecutor() if graph else None
+    seed_sched = baseline.EagerScheduler(kplan.schedule, dev)
+    x0 = case.xs[0]
+
+    def engine_loop(_k: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return sample_batch(backend, kplan, batch, executor=executor)
+
+    def eager_loop(_k: int) -> torch.Tensor:
+        return baseline.eager_loop(case.model, seed_sched, x0, range(k - 1, -1, -1))
+
+    reps = 3 if per_step * k < cfg.loop_budget_s / 6 else 1
+    # one untimed loop each first: allocator growth, oneDNN/ORT first-call work are setup, not per-step cost
+    timed = {
+        "eager": time_fn(eager_loop, device=dev, warmup=1, repeats=reps),
+        "engine": time_fn(engine_loop, device=dev, warmup=1, repeats=reps),
+    }
+    scale = steps / k
+    scaled = {n: Timing(t.median * scale, t.p90 * scale, t.mean * scale, t.repeats) for n, t in timed.items()}
+    sampler = "" if case.plan.sampler is Sampler.DDPM else f" {case.plan.sampler}"
+    impl = f"{backend.name} + fused{sampler}" + (" (CUDA graph)" if graph else "")
+    rows = [
+        _row(
+            "loop",
+            "eager torch + DDPM update (baseline)",
+            scaled["eager"],
+            floor_s,
+            speedup=1.0,
+            baseline=True,
+        ),
+        _row(
+            "loop",
+            impl,
+            scaled["engine"],
+            floor_s,
+            speedup=scaled["eager"].median / scaled["engine"].median,
+            cuda_graph=graph,
+        ),
+    ]
+    return rows, k, scaled
+
+
+def bench_case(case: Case) -> dict[str, Any]:
+    """All three stages for one engine x batch size; the JSON-able result (floors from the device's rates)."""
+    peak_memory_reset(case.dev)
+    flops = count_flops(case.model, case.xs[0], case.ts[0])
+    fwd_floor = case.rates.model_floor(flops) if flops else None
+    upd_floor = case.rates.update_floor(math.prod(case.shape))
+    fwd_rows, eager_fwd, eng_fwd = bench_forward(case, fwd_floor)
+    upd_rows, eager_upd, raw_upd = bench_update(case, upd_floor)
+    per_step = max(eager_fwd.median + eager_upd.median, eng_fwd.median + raw_upd.median)
+    loop_floor = case.plan.steps * ((fwd_floor or 0.0) + upd_floor)
+    loop_rows, k, scaled = bench_loop(case, per_step, loop_floor)
+    sync(case.dev)
+    return {
+        "batch": case.batch,
+        "shape": list(case.shape),
+        "steps": case.plan.steps,
+        "sampler": str(case.plan.sampler),
+        "loop_steps_timed": k,
+        "model_flops": flops,
+        "peak_memory_bytes": peak_memory_bytes(case.dev),
+        "samples_per_s": case.batch / scaled["engine"].median,
+        "eager_samples_per_s": case.batch / scaled["eager"].median,
+        "rows": fwd_rows + upd_rows + loop_rows,
+    }
