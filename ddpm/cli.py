@@ -31,6 +31,8 @@ _COMMAND_MODULES = (
     "ddpm.runtime.cli_run",
     "ddpm.runtime.cli_bench",
     "ddpm.runtime.cli_schedule",
+    "ddpm.runtime.cli_image",
+    "ddpm.trainer.cli_eval",
 )
 
 
