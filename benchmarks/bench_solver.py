@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import ddpm
@@ -41,7 +40,15 @@ from ddpm.noise import initial_noise
 from ddpm.runtime.baseline import EagerScheduler, eager_loop
 from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 
-SOLVERS = [("ddpm", 1000), ("dpm++2m", 20), ("dpm++2m-sde", 20), ("dpm++2m", 10), ("ddim", 20)]
+# (sampler, steps, spacing); None = the sampler's default (uniform for ddpm/ddim, trailing for dpm++)
+SOLVERS = [
+    ("ddpm", 1000, None),
+    ("dpm++2m", 20, None),
+    ("dpm++2m-sde", 20, None),
+    ("dpm++2m", 10, None),
+    ("dpm++2m", 20, "uniform"),
+    ("ddim", 20, None),
+]
 
 
 def _timed(fn, repeats: int) -> tuple[float, list[float]]:
@@ -55,9 +62,12 @@ def _timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 def quality(run: Path, kind: str, n: int, seed: int) -> list[dict[str, Any]]:
     rows = []
-    for sampler, steps in SOLVERS:
+    for sampler, steps, spacing in SOLVERS:
         t0 = time.perf_counter()
-        x = ddpm.sample(run / "model.onnx", n, steps=steps, sampler=sampler, batch=min(n, 500), seed=seed)
+        x = ddpm.sample(
+            run / "model.onnx", n, steps=steps, sampler=sampler, batch=min(n, 500), seed=seed, spacing=spacing
+        )
+        spacing = spacing or ddpm.Sampler.parse(sampler).default_spacing.value
         seconds = time.perf_counter() - t0
         if kind == "swissroll":
             m = swissroll_energy_check(x)
@@ -65,8 +75,11 @@ def quality(run: Path, kind: str, n: int, seed: int) -> list[dict[str, Any]]:
         else:
             m = digits_classifier_check(x)
             metric = {"confidence": m["mean_confidence"], "classes": m["classes_present"]}
-        rows.append({"model": kind, "sampler": sampler, "steps": steps, "samples": n, "seconds": seconds, **metric})
-        print(f"quality {kind} {sampler}-{steps}: {metric} ({seconds:.1f} s)", flush=True)
+        rows.append(
+            {"model": kind, "sampler": sampler, "steps": steps, "spacing": spacing, "samples": n,
+             "seconds": seconds, **metric}
+        )  # fmt: skip
+        print(f"quality {kind} {sampler}-{steps} ({spacing}): {metric} ({seconds:.1f} s)", flush=True)
     return rows
 
 
@@ -105,7 +118,10 @@ def speed(run: Path, batch: int, repeats: int, eager_steps: int | None, sampler:
         "speedup": t_eager / t_ours,
         "scaled_from_steps": None if eager_steps is None else k,
     }
-    print(f"speed {run.name} b{batch}: eager {t_eager:.2f} s, ours {t_ours:.3f} s, {row['speedup']:.1f}x", flush=True)
+    print(
+        f"speed {run.name} b{batch}: eager {t_eager:.2f} s, ours {t_ours:.3f} s, {row['speedup']:.1f}x",
+        flush=True,
+    )
     return row
 
 
@@ -118,16 +134,25 @@ def render(report: dict[str, Any]) -> str:
         "",
         "## Quality (ONNX path, same seed and sample count per sampler)",
         "",
-        "| model | sampler | steps | samples | metric | value | scale | seconds |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| model | sampler | steps | spacing | samples | metric | value | scale | seconds |",
+        "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in report["quality"]:
         if r["model"] == "swissroll":
-            metric, value, scale = "energy distance", f"{r['energy_distance']:.5f}", f"{r['data_vs_data']:.5f} (data vs data)"
+            metric, value, scale = (
+                "energy distance",
+                f"{r['energy_distance']:.5f}",
+                f"{r['data_vs_data']:.5f} (data vs data)",
+            )
         else:
-            metric, value, scale = "classifier confidence", f"{r['confidence']:.3f}", f"{r['classes']} of 10 classes"
+            metric, value, scale = (
+                "classifier confidence",
+                f"{r['confidence']:.3f}",
+                f"{r['classes']} of 10 classes",
+            )
         lines.append(
-            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['samples']} | {metric} | {value} | {scale} | "
+            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['samples']} | {metric} | {value} | "
+            f"{scale} | "
             f"{r['seconds']:.2f} |"
         )
     lines += [
@@ -174,8 +199,9 @@ def main() -> int:
     }
     if args.cifar10 is not None:
         for b in (1, 64):
-            report["speed"].append(speed(args.cifar10, b, 1 if b == 64 else args.repeats, args.cifar_eager_steps,
-                                         "dpm++2m", 20))
+            report["speed"].append(
+                speed(args.cifar10, b, 1 if b == 64 else args.repeats, args.cifar_eager_steps, "dpm++2m", 20)
+            )
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     md = render(report)
     print(md)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .spacing import Spacing, kept_timesteps
 
 __all__ = [
     "Prediction",
@@ -91,6 +92,13 @@ class Sampler(_Choice):
     def multistep(self) -> bool:
         """True when a step reads the previous step's x0_hat (the history buffer h; column c may be != 0)."""
         return self in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_SDE)
+
+    @property
+    def default_spacing(self) -> Spacing:
+        """Respacing when none is asked for: improved-diffusion's uniform one for ddpm/ddim (unchanged results),
+        trailing for the multistep solvers, whose extrapolation blurs across uniform spacing's last huge
+        lambda step onto t = 0 (ddpm/spacing.py has the measurement)."""
+        return Spacing.TRAILING if self.multistep else Spacing.UNIFORM
 
 
 class Variance(_Choice):
@@ -202,7 +210,9 @@ class Schedule:
             raise InvalidArgumentError(
                 f"schedule config of kind {kind!r} lacks the key {e.args[0]!r}"
             ) from None
-        return base.respace(int(config["steps"])) if "steps" in config else base
+        if "steps" not in config:
+            return base
+        return base.respace(int(config["steps"]), spacing=config.get("spacing", "uniform"))
 
     @classmethod
     def create(cls, kind: str, timesteps: int = 1000) -> Schedule:
@@ -256,25 +266,26 @@ class Schedule:
         return self._cache[key]
 
     # ---- respacing ----
-    def respace(self, steps: int) -> Schedule:
-        """An evenly spaced subset of ``steps`` entries that always keeps the last one, with betas recomputed as
-        1 - alphabar_i / alphabar_prev over the kept entries (improved-diffusion's space_timesteps semantics).
-        ``timesteps`` keeps the original indices; ``respace(len(self))`` returns an equal schedule."""
+    def respace(self, steps: int, spacing: Spacing | str = "uniform") -> Schedule:
+        """``steps`` of the entries, with betas recomputed as 1 - alphabar_i / alphabar_prev over the kept ones
+        (improved-diffusion's respacing); ``timesteps`` keeps the original indices. ``spacing`` picks which
+        entries (ddpm/spacing.py): uniform (improved-diffusion's, keeps 0 and T-1), trailing, or logsnr.
+        ``respace(len(self))`` returns an equal schedule."""
         n = len(self)
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
             raise InvalidArgumentError(f"steps must be an integer, got {steps!r}")
         if not (1 <= steps <= n):
             raise InvalidArgumentError(f"steps must be in 1..{n} (the schedule's length), got {steps}")
+        spacing = Spacing.parse(spacing)
         if steps == n:
             return self
-        if steps == 1:
-            keep = np.array([n - 1])
-        else:
-            keep = np.round(np.arange(steps, dtype=np.float64) * (n - 1) / (steps - 1)).astype(np.int64)
+        keep = kept_timesteps(self.alphas_cumprod, int(steps), spacing)
         ab = self.alphas_cumprod[keep]
         ab_prev = np.append(1.0, ab[:-1])
         betas = 1.0 - ab / ab_prev
         cfg = {**self.config, "steps": int(steps)}
+        if spacing is not Spacing.UNIFORM:
+            cfg["spacing"] = spacing.value
         return Schedule(betas, self.timesteps[keep], cfg)
 
     # ---- coefficient tables ----

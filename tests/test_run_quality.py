@@ -101,3 +101,28 @@ def test_torch_compile_backend_matches_eager(swissroll):
     eager = sample(ckpt, 64, steps=50, seed=2, device="cpu", threads=1)
     compiled = sample(ckpt, 64, steps=50, seed=2, device="cpu", threads=1, compile=True)
     assert float((compiled - eager).norm() / eager.norm()) < 1e-5
+
+
+def test_dpm_solver_at_20_steps_lands_on_the_roll_as_well_as_ddpm_1000(swissroll):
+    """DPM-Solver++(2M) at 20 steps through the ONNX path vs 1000-step DDPM: same point count and seed, same run.
+    Energy distance is a U-statistic that scatters around the data floor, so "within 1.5x" is taken on the
+    excess over that floor, with three standard deviations of the floor (4 draws) as the resolution."""
+    from ddpm.trainer.metrics import swissroll_energy_check
+
+    _, onnx_path = swissroll
+    kw = {"batch": 1000, "seed": 0, "device": "cpu", "threads": 1}
+    ref = swissroll_energy_check(sample(onnx_path, NUM_POINTS, steps=1000, **kw))
+    floor, res = ref["data_vs_data"], 3 * ref["data_vs_data_std"]
+    budget = floor + 1.5 * max(ref["sample_vs_data"] - floor, 0.0) + res
+    e = swissroll_energy_check(sample(onnx_path, NUM_POINTS, steps=20, sampler="dpm++2m", **kw))
+    sde = swissroll_energy_check(sample(onnx_path, NUM_POINTS, steps=20, sampler="dpm++2m-sde", **kw))
+    print(
+        f"\ndpm++2m-20 {e['sample_vs_data']:.5f}, dpm++2m-sde-20 {sde['sample_vs_data']:.5f}, "
+        f"ddpm-1000 {ref['sample_vs_data']:.5f}, floor {floor:.5f}, budget {budget:.5f}"
+    )
+    # Measured (a default-trained model, trailing spacing): dpm++2m -0.0006 vs DDPM-1000 -0.0009 at a floor of
+    # -0.0011 +- 0.0002. With improved-diffusion's uniform spacing dpm++2m scored 0.0053 (ddpm/spacing.py):
+    # this bound rejects that.
+    assert e["sample_vs_data"] <= budget, (e, ref)
+    # The SDE variant (0.0008 measured) is held to the "on the roll" bound of the 1000-step test above.
+    assert sde["sample_vs_data"] < 0.1 * sde["data_vs_gauss"], sde
