@@ -305,7 +305,7 @@ def _bad_cases(tmp_path, digits_ref):
         (
             ["--ref", "digits", "--device", "tpu"],
             str(tmp_path / "ok.npz"),
-            "--device must be auto, cpu or cuda",
+            "unknown device 'tpu'; allowed: auto, cpu, cuda",
         ),
         (["--ref", "digits"], _npz(tmp_path / "few.npz", d[:3]), "at least 4"),
     ]

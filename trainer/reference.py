@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.devices import resolve_device
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.images import to_uint8_nhwc
 from ddpm.io import atomic_path, check_writable
@@ -175,11 +176,7 @@ def check_save_ref(ref: str | os.PathLike, save_ref: str | os.PathLike) -> None:
 
 
 def _device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise InvalidArgumentError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda: no CUDA GPU is visible to torch (use auto or cpu)")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(resolve_device(device))
 
 
 def _reference_images(spec: str, image_size: int | None) -> np.ndarray:
