@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import ArtifactError, InvalidArgumentError
 from .metadata import decode_metadata
+from .validate import MAX_JSON_BYTES, Int, Optional, Record, SchemaError, Str, check, loads_json
 
 __all__ = [
     "EXTENSIONS",
@@ -53,6 +54,35 @@ MAX_ONNX_IR_VERSION = 13
 # Keys a sidecar carries on top of the common metadata keys; their values stay native JSON (not strings).
 SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile")
 _SIDECAR_NATIVE = (*SIDECAR_KEYS, "version_compatible", "hardware_compat", "engine_sha256", "engine_bytes")
+# An engine's batch profile: TensorRT's own limit on a dimension is 2^31 - 1; a real max batch is < 2^16.
+MAX_BATCH = 1 << 20
+
+
+class _Any:
+    """A sidecar value checked later by its own function (profile, compute capability)."""
+
+    def check(self, v: Any, path: str) -> Any:
+        return v
+
+
+class _Bool:
+    def check(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise SchemaError(f"{path} must be true or false, got {v!r:.60}")
+        return v
+
+
+_SIDECAR_SPEC = Record(
+    {"tensorrt_version": Str(max_len=64), "gpu_name": Str(max_len=256), "precision": Str(max_len=64)},
+    {
+        "compute_capability": _Any(),
+        "profile": _Any(),
+        "version_compatible": _Bool(),
+        "hardware_compat": Optional(Str(max_len=64)),
+        "engine_sha256": Str(max_len=128),
+        "engine_bytes": Int(0, 1 << 50),
+    },
+)
 
 
 def artifact_kind(path: str | os.PathLike, *, must_exist: bool = True) -> str:
@@ -177,16 +207,25 @@ def onnx_metadata(model: Any, *, source: str, verify: bool = False) -> dict[str,
 
 
 def read_sidecar(engine: str | os.PathLike) -> dict[str, Any]:
-    """The raw JSON object of an engine's sidecar (no validation beyond "is a JSON object")."""
+    """The raw JSON object of an engine's sidecar: size- and depth-limited, no validation beyond "is an object"."""
     side = sidecar_path(engine)
-    if not side.is_file():
+    if not side.exists():
         raise ArtifactError(
             f"{engine}: the engine's sidecar {side.name} is missing; it is written by `ddpm export` beside the engine"
         )
+    if not side.is_file():
+        raise ArtifactError(
+            f"{side}: the engine's sidecar is not a regular file (a directory?); expected JSON"
+        )
+    size = side.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ArtifactError(
+            f"{side}: sidecar is {size} bytes; a real one is a few KB (at most {MAX_JSON_BYTES})"
+        )
     try:
-        obj = json.loads(side.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{side}: not valid JSON ({_one_line(e)})") from None
+        obj = loads_json(side.read_bytes(), what="sidecar")
+    except SchemaError as e:
+        raise ArtifactError(f"{side}: {e}") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{side}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -205,9 +244,11 @@ def _read_engine(p: Path, *, verify: bool) -> dict[str, Any]:
     missing = [k for k in SIDECAR_KEYS if k not in obj]
     if missing:
         raise ArtifactError(f"{side}: sidecar lacks TensorRT key(s) {', '.join(missing)}")
-    for k in _SIDECAR_NATIVE:
-        if k in obj:
-            meta[k] = obj[k]
+    try:
+        native = check(_SIDECAR_SPEC, {k: obj[k] for k in _SIDECAR_NATIVE if k in obj}, "sidecar")
+    except SchemaError as e:
+        raise ArtifactError(f"{side}: {e}") from None
+    meta.update(native)
     _validate_profile(meta["profile"], source=str(side))
     meta["compute_capability"] = _cc_string(meta["compute_capability"], source=str(side))
     size = p.stat().st_size
@@ -225,13 +266,18 @@ def _read_engine(p: Path, *, verify: bool) -> dict[str, Any]:
 
 
 def _validate_profile(profile: Any, *, source: str) -> None:
-    ok = isinstance(profile, dict) and all(
-        isinstance(profile.get(k), int) and not isinstance(profile.get(k), bool)
-        for k in ("min", "opt", "max")
+    ok = (
+        isinstance(profile, dict)
+        and len(profile) <= 3
+        and all(
+            isinstance(profile.get(k), int) and not isinstance(profile.get(k), bool)
+            for k in ("min", "opt", "max")
+        )
     )
-    if not ok or not (1 <= profile["min"] <= profile["opt"] <= profile["max"]):
+    if not ok or not (1 <= profile["min"] <= profile["opt"] <= profile["max"] <= MAX_BATCH):
         raise ArtifactError(
-            f"{source}: 'profile' must be {{min, opt, max}} ints with 1 <= min <= opt <= max, got {profile!r}"
+            f"{source}: 'profile' must be {{min, opt, max}} ints with 1 <= min <= opt <= max <= {MAX_BATCH}, "
+            f"got {profile!r:.120}"
         )
 
 
@@ -243,7 +289,7 @@ def _cc_string(cc: Any, *, source: str) -> str:
         parts = cc.strip().split(".")
         if len(parts) == 2 and all(s.isdigit() for s in parts):
             return f"{int(parts[0])}.{int(parts[1])}"
-    raise ArtifactError(f"{source}: compute capability must look like '9.0', got {cc!r}")
+    raise ArtifactError(f"{source}: compute capability must look like '9.0', got {cc!r:.60}")
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -21,3 +21,7 @@ class MissingDependencyError(DDPMError, ImportError):
 
 class SamplingError(DDPMError, RuntimeError):
     """The sampling loop produced a non-finite value; the message names the step."""
+
+
+class TrainingError(DDPMError, RuntimeError):
+    """Training cannot go on (the loss turned NaN/Inf); the message names the step and the checkpoint kept."""

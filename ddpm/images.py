@@ -1,6 +1,8 @@
-"""Pictures of samples: uint8 NHWC conversion, image grids and 2-D scatter plots, written atomically.
+"""Pictures of samples: uint8 NHWC conversion, image grids and 2-D scatter plots, written atomically; and
+reading an image file (PNG, JPEG, ...) into a model's sample shape.
 
-Used by the trainer (sample grids during training) and by ``ddpm run`` (the final samples).
+Used by the trainer (sample grids during training), by ``ddpm run`` (the final samples) and by the image-in
+commands (``ddpm diffuse / denoise / interpolate``: :func:`load_image`, :func:`save_image_table`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from .errors import InvalidArgumentError
 from .io import atomic_path
 
-__all__ = ["to_uint8_nhwc", "make_grid", "save_samples_png"]
+__all__ = ["to_uint8_nhwc", "make_grid", "save_samples_png", "load_image", "save_image_table"]
 
 # Tiles smaller than this are enlarged (nearest neighbour) so an 8x8 digit is visible in the PNG.
 _MIN_TILE = 32
@@ -122,4 +124,97 @@ def _save_scatter(points: np.ndarray, path: Path, title: str | None) -> Path:
     ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.6, c=np.linspace(0, 1, len(points)), cmap="viridis")
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title or f"{len(points)} samples")
+    return save_figure(fig, path, what="image")
+
+
+# PIL modes that convert to L / RGB without guessing a value range (16/32-bit and float modes would need one).
+_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "CMYK": "RGB"}
+_MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+
+
+def load_image(path: str | os.PathLike, sample_shape: Any = None) -> tuple[Any, str | None]:
+    """Read an image file into a float32 tensor [1, C, H, W] in [-1, 1] (u8 -> u / 127.5 - 1).
+
+    Args:
+        path: any file PIL reads (PNG, JPEG, BMP, ...), 8 bits per channel.
+        sample_shape: the model's (C, H, W) with C = 1 or 3: the image is converted to L / RGB and resized to
+            H x W (area average when shrinking, bicubic when enlarging); None keeps its size, and its mode as
+            L or RGB (an alpha channel is dropped, a palette expanded).
+    Returns:
+        (image, note): note is None when nothing was changed, else one line such as
+        ``"resized 28x28 RGB -> 8x8 L"`` for the caller to show: an image is never changed silently.
+    """
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    want = _check_image_shape(sample_shape)
+    try:
+        with Image.open(path) as f:
+            f.load()
+            img = f.copy()
+    except UnidentifiedImageError:
+        raise InvalidArgumentError(f"{path}: not an image file PIL can read (PNG, JPEG, BMP, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise InvalidArgumentError(f"{path}: image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data; missing files included
+        raise InvalidArgumentError(f"{path}: cannot read the image ({e})") from None
+    if img.mode not in _MODES:
+        raise InvalidArgumentError(
+            f"{path}: image mode {img.mode} is not supported (8-bit L, LA, P, RGB, RGBA or CMYK images only)"
+        )
+    mode = _MODES[img.mode] if want is None else _MODE_FOR_CHANNELS[want[0]]
+    size = img.size if want is None else (want[2], want[1])  # PIL sizes are (W, H)
+    before = f"{img.size[0]}x{img.size[1]} {img.mode}"
+    out = img.convert(mode) if img.mode != mode else img
+    if out.size != size:
+        shrink = size[0] <= out.size[0] and size[1] <= out.size[1]
+        out = out.resize(size, Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+    after = f"{size[0]}x{size[1]} {mode}"
+    note = None
+    if before != after:
+        note = f"{'resized' if size != img.size else 'converted'} {before} -> {after}"
+    a = np.asarray(out, dtype=np.float32).reshape(size[1], size[0], -1)
+    x = torch.from_numpy(a.transpose(2, 0, 1).copy())[None] / 127.5 - 1.0
+    return x, note
+
+
+def _check_image_shape(sample_shape: Any) -> tuple[int, int, int] | None:
+    if sample_shape is None:
+        return None
+    shape = tuple(int(s) for s in sample_shape)
+    if len(shape) != 3 or shape[0] not in _MODE_FOR_CHANNELS or min(shape) < 1:
+        raise InvalidArgumentError(
+            f"images need a sample shape [C, H, W] with C = 1 or 3 channels, got {list(shape)}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def save_image_table(
+    cells: Any,
+    path: str | os.PathLike,
+    *,
+    col_labels: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write a labelled table of images as a PNG, atomically: cells [R, K, C, H, W] in [-1, 1] (C = 1 or 3),
+    row r, column k; labels under the columns and left of the rows (e.g. timesteps and SNR)."""
+    a = _as_numpy(cells)
+    if a.ndim != 5 or a.shape[2] not in (1, 3) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise InvalidArgumentError(f"cells must be [R, K, C, H, W] with C = 1 or 3, got {tuple(a.shape)}")
+    rows, cols = a.shape[:2]
+    u = to_uint8_nhwc(a.reshape(rows * cols, *a.shape[2:]))
+    scale = max(1, math.ceil(_MIN_TILE / max(u.shape[1], u.shape[2])))
+    u = u.repeat(scale, axis=1).repeat(scale, axis=2)
+    pad, (h, w) = 2, u.shape[1:3]
+    grid = make_grid(u, cols, pad)
+    fig, ax = new_figure((grid.shape[1] / 60 + (1.4 if row_labels else 0.4), grid.shape[0] / 60 + 0.9))
+    ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([pad + k * (w + pad) + w / 2 for k in range(cols)], col_labels or [""] * cols, fontsize=7)
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(rows)], row_labels or [""] * rows, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=8)
     return save_figure(fig, path, what="image")

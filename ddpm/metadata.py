@@ -18,10 +18,27 @@ plus any extra keys (exporter versions, weight hash, TensorRT facts), kept as gi
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from .errors import ArtifactError, DDPMError
+from .errors import ArtifactError, DDPMError, InvalidArgumentError
+from .models import normalize_config
 from .schedule import Prediction, Schedule
+from .validate import (
+    MAX_JSON_BYTES,
+    MAX_KEYS,
+    MAX_SAMPLE_ELEMENTS,
+    MAX_TIMESTEPS,
+    Float,
+    Int,
+    ListOf,
+    Optional,
+    Record,
+    SchemaError,
+    Str,
+    check,
+    loads_json,
+)
 
 __all__ = [
     "FORMAT",
@@ -36,6 +53,40 @@ FORMAT = "ddpm/1"
 REQUIRED_KEYS = ("format", "model", "schedule", "prediction", "sample_shape", "dataset", "step")
 _JSON_KEYS = {"model", "schedule", "sample_shape", "step", "ema_decay"}
 
+_STEPS = Int(1, MAX_TIMESTEPS)
+_SCHEDULES = {
+    "linear": Record(
+        {
+            "kind": Str(),
+            "timesteps": _STEPS,
+            "beta_start": Float(0, 1, True, True),
+            "beta_end": Float(0, 1, True, True),
+        },
+        {"steps": _STEPS},
+    ),
+    "cosine": Record(
+        {"kind": Str(), "timesteps": _STEPS},
+        {"s": Float(0, 1e3), "max_beta": Float(0, 1, True, True), "steps": _STEPS},
+    ),
+    "custom": Record(
+        {"kind": Str(), "betas": ListOf(Float(0, 1, True, True), 1, MAX_TIMESTEPS)}, {"steps": _STEPS}
+    ),
+}
+# The common keys; anything else (exporter versions, hashes, TensorRT facts) is kept, its size capped.
+_META = Record(
+    {
+        "format": Str(),
+        "model": Record({"arch": Str(("unet", "mlp"))}, extra=True),
+        "schedule": Record({"kind": Str(tuple(_SCHEDULES))}, extra=True),
+        "prediction": Str(max_len=64),
+        "sample_shape": ListOf(Int(1, MAX_SAMPLE_ELEMENTS), 1, 4),
+        "dataset": Str(max_len=4096),
+        "step": Int(0, 2**62),
+    },
+    {"ema_decay": Optional(Float(0, 1))},
+    extra=True,
+)
+
 
 def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """Flatten to ``str -> str`` (JSON for structured values) after validating."""
@@ -47,18 +98,27 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 
 def decode_metadata(strings: dict[str, str] | None, *, source: str) -> dict[str, Any]:
-    """Parse and validate a ``str -> str`` map read from ``source`` (a path, for messages)."""
+    """Parse and validate a ``str -> str`` map read from ``source`` (a path, for messages).
+
+    Every value is size-checked and the JSON ones are parsed with a depth limit before anything else is read.
+    """
     if not strings:
         raise ArtifactError(
             f"{source}: no ddpm metadata found (was it written by `ddpm train`/`ddpm export`?)"
         )
+    if len(strings) > MAX_KEYS:
+        raise ArtifactError(f"{source}: metadata has {len(strings)} keys; at most {MAX_KEYS} are read")
     meta: dict[str, Any] = {}
     for k, v in strings.items():
+        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 256 or len(v) > MAX_JSON_BYTES:
+            raise ArtifactError(
+                f"{source}: metadata key {str(k)[:60]!r} is not a string of at most {MAX_JSON_BYTES} bytes"
+            )
         if k in _JSON_KEYS:
             try:
-                meta[k] = json.loads(v)
-            except (TypeError, json.JSONDecodeError):
-                raise ArtifactError(f"{source}: metadata key {k!r} is not valid JSON: {v!r:.80}") from None
+                meta[k] = loads_json(v, what=f"metadata key {k!r}")
+            except SchemaError as e:
+                raise ArtifactError(f"{source}: {e}") from None
         else:
             meta[k] = v
     validate_metadata(meta, source=source)
@@ -66,26 +126,38 @@ def decode_metadata(strings: dict[str, str] | None, *, source: str) -> dict[str,
 
 
 def validate_metadata(meta: dict[str, Any], *, source: str) -> None:
-    """Raise ArtifactError naming ``source`` and the key when metadata is missing or inconsistent."""
+    """Raise ArtifactError naming ``source`` and the field when metadata is missing, mistyped, over a size cap
+    (ddpm.validate) or inconsistent. Nothing is allocated from the metadata before its types and caps pass."""
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{source}: metadata must be an object, got {type(meta).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ArtifactError(f"{source}: metadata lacks required key(s) {', '.join(missing)}")
     if meta["format"] != FORMAT:
         raise ArtifactError(
-            f"{source}: metadata format {meta['format']!r} is not supported (expected {FORMAT!r})"
+            f"{source}: metadata format {str(meta['format'])[:60]!r} is not supported (expected {FORMAT!r})"
         )
     model = meta["model"]
     if not isinstance(model, dict) or model.get("arch") not in ("unet", "mlp"):
         raise ArtifactError(
             f"{source}: metadata 'model' must be a dict with arch 'unet' or 'mlp', got {model!r:.120}"
         )
+    try:
+        check(_META, meta, "metadata")
+        check(_SCHEDULES[meta["schedule"]["kind"]], meta["schedule"], "metadata.schedule")
+    except SchemaError as e:
+        raise ArtifactError(f"{source}: {e}") from None
     shape = meta["sample_shape"]
-    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
         raise ArtifactError(
-            f"{source}: metadata 'sample_shape' must be a list of positive ints, got {shape!r}"
+            f"{source}: metadata.sample_shape {shape} holds {math.prod(shape)} values per sample; "
+            f"at most {MAX_SAMPLE_ELEMENTS} are allowed"
         )
-    if not isinstance(meta["step"], int) or meta["step"] < 0:
-        raise ArtifactError(f"{source}: metadata 'step' must be a non-negative int, got {meta['step']!r}")
+    try:
+        # The same checks `ddpm run` applies when it builds the network: info accepts exactly what run accepts.
+        normalize_config(model)
+    except InvalidArgumentError as e:
+        raise ArtifactError(f"{source}: the stored model config is invalid: {e}") from None
     try:
         Prediction.parse(meta["prediction"])
         schedule_from_meta(meta)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .validate import check_model_config
 
 __all__ = [
     "PRESETS",
@@ -333,37 +334,30 @@ def preset_config(
     return normalize_config(cfg)
 
 
-def _pos_int(cfg: dict, key: str) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidArgumentError(f"model config {key!r} must be a positive integer, got {v!r}")
-    return v
-
-
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate a model config and fill defaults; the result is JSON-able and complete (what checkpoints store)."""
+    """Validate a model config and fill defaults; the result is JSON-able and complete (what checkpoints store).
+
+    Types and size caps are checked first (``ddpm.validate.check_model_config``), so a config read from a file
+    never allocates more than a real network would."""
     if not isinstance(config, dict) or config.get("arch") not in ("unet", "mlp"):
         raise InvalidArgumentError(
             f"model config must be a dict with arch 'unet' or 'mlp', got {config!r:.120}"
         )
     if config["arch"] == "mlp":
         cfg = {**_MLP_DEFAULTS, **config}
-        for key in ("dim", "hidden", "time_dim", "depth"):
-            _pos_int(cfg, key)
         unknown = set(cfg) - set(_MLP_DEFAULTS) - {"arch"}
+        check_model_config(cfg)
     else:
         cfg = {**_UNET_DEFAULTS, **config}
-        for key in ("in_channels", "image_size", "base_channels", "num_res_blocks", "groups", "num_heads"):
-            _pos_int(cfg, key)
-        cfg.setdefault("out_channels", cfg["in_channels"])
-        _pos_int(cfg, "out_channels")
-        cfg["channel_mult"] = [int(m) for m in cfg["channel_mult"]]
-        cfg["attention_resolutions"] = sorted({int(r) for r in cfg["attention_resolutions"]}, reverse=True)
-        cfg["dropout"] = float(cfg["dropout"])
+        cfg.setdefault("out_channels", cfg.get("in_channels"))
         unknown = set(cfg) - set(_UNET_DEFAULTS) - {"arch", "in_channels", "image_size", "out_channels"}
+        check_model_config(cfg)
+        cfg["channel_mult"] = list(cfg["channel_mult"])
+        cfg["attention_resolutions"] = sorted(set(cfg["attention_resolutions"]), reverse=True)
+        cfg["dropout"] = float(cfg["dropout"])
         _check_unet_geometry(cfg)
     if unknown:
-        raise InvalidArgumentError(f"model config has unknown key(s) {', '.join(sorted(unknown))}")
+        raise InvalidArgumentError(f"model config has unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     return cfg
 
 

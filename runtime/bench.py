@@ -8,6 +8,12 @@ For every engine and batch size, in one process and on one device (runtime/bench
     loop      ddpm.reverse (backend + fused step, --sampler) vs the eager DDPM loop
                                                                                   (floor: steps x both floors)
 
+Every runtime x precision that can run the engine here is measured in the same run (an ONNX file on CPU:
+onnxruntime fp32, OpenVINO fp32, OpenVINO bf16; a checkpoint: torch fp32, torch bf16 autocast), beside eager
+torch fp32 (the baseline) and eager torch bf16; the fastest forward and loop rows are marked. bf16 rows appear
+only on a CPU with native bf16 (ddpm.precision). The first pair (onnxruntime fp32 / torch fp32) is the engine's
+own result; the others are extra forward and loop rows of it (runtime/bench_stages.py, ``bench_variant``).
+
 Every row carries its speed-up over the eager baseline of its stage and how far it is from its floor. A loop
 of --steps that would exceed the time budget is timed over fewer steps (a respaced schedule, same per-step work)
 and scaled up; the report says so (``loop_steps_timed``). The report's tables and plot: runtime/bench_report.py.
@@ -25,14 +31,16 @@ from typing import Any
 
 import torch
 
-from ddpm.artifacts import read_metadata
+from ddpm.artifacts import artifact_kind, read_metadata
 from ddpm.build_facts import build_facts
 from ddpm.cliutil import parse_int_list
-from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.precision import Precision, cpu_has_bf16, parse_precision
 
-from .backends import open_backend, resolve_device
+from .backends import RUNTIMES, open_backend, resolve_device
+from .backends.openvino_backend import import_openvino
 from .bench_report import plot_report, render_markdown
-from .bench_stages import FUSED_TABLE, Case, bench_case, eager_model
+from .bench_stages import FUSED_TABLE, Case, autocast_twin, bench_case, bench_variant, eager_model
 from .floors import DeviceRates, measure_rates
 from .sampling import SamplingPlan
 
@@ -60,6 +68,24 @@ TARGETS = [
         "device": "cpu",
         "backend": "onnxruntime",
         "min": 2.0,
+    },
+    {
+        "name": "end-to-end OpenVINO bf16 + fused vs eager fp32, CPU, 1x3x32x32",
+        "stage": "loop",
+        "device": "cpu",
+        "shape": [1, 3, 32, 32],
+        "backend": "openvino",
+        "precision": "bf16",
+        "min": 2.5,
+    },
+    {
+        "name": "end-to-end OpenVINO bf16 + fused vs eager fp32, CPU, 64x3x32x32",
+        "stage": "loop",
+        "device": "cpu",
+        "shape": [64, 3, 32, 32],
+        "backend": "openvino",
+        "precision": "bf16",
+        "min": 2.5,
     },
     {
         "name": "fused update vs eager, GPU, batch 1",
@@ -91,6 +117,7 @@ class BenchConfig:
         is the same architecture (from the engine's metadata) with random weights — the latency is the same.
     repeats: timed calls per forward measurement (>= 3: a median and a p90 of fewer mean little).
     loop_budget_s: time one loop measurement may take before it is timed over fewer steps and scaled.
+    runtimes / precisions: restrict the runtime x precision comparison (None: every one available here).
     """
 
     engines: list[Path]
@@ -105,6 +132,8 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     command: str = ""
+    runtimes: list[str] | None = None
+    precisions: list[str] | None = None
 
     def check(self) -> None:
         """Every option, and every engine's metadata with --steps/--sampler, before minutes of measuring."""
@@ -122,6 +151,12 @@ class BenchConfig:
         if self.ckpt is not None and not Path(self.ckpt).is_file():
             raise ArtifactError(f"--ckpt file {str(self.ckpt)!r} does not exist")
         parse_int_list(self.batches, option="--batch")
+        known = {r for rs in RUNTIMES.values() for r in rs}
+        for r in self.runtimes or []:
+            if r not in known:
+                raise InvalidArgumentError(f"unknown runtime {r!r}; allowed: {', '.join(sorted(known))}")
+        for p in self.precisions or []:
+            parse_precision(p)
         for e in self.engines:
             SamplingPlan.create(read_metadata(e), steps=self.steps, sampler=self.sampler, seed=self.seed)
 
@@ -142,8 +177,13 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_bf16(),
         **build_facts(),
     }
+    try:
+        info["openvino"] = import_openvino().__version__.split("-")[0]
+    except MissingDependencyError:
+        info["openvino"] = "not installed"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info["gpu"] = p.name
@@ -151,32 +191,126 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _default_precisions(runtime: str, dev: torch.device) -> list[Precision | None]:
+    """What each runtime can compute in on this device (None: the artifact's own, for files that fix it)."""
+    bf16 = [Precision.BF16] if dev.type == "cuda" or cpu_has_bf16() else []
+    if runtime == "torch":
+        return [Precision.FP32, *bf16, *([Precision.FP16] if dev.type == "cuda" else [])]
+    if runtime == "openvino":
+        return [Precision.FP32, *bf16] if dev.type == "cpu" else []
+    if runtime == "onnxruntime" and dev.type == "cpu":
+        return [Precision.FP32]
+    return [None]  # onnxruntime on CUDA, TensorRT: the file's precision
+
+
+def variants(cfg: BenchConfig, engine: Path, dev: torch.device, log: Callable[[str], Any]) -> list[tuple]:
+    """(runtime, precision) pairs to measure for one engine, the artifact's default runtime first. Explicitly
+    asked pairs are kept even when unsupported, so that open_backend refuses them with its one line."""
+    out: list[tuple[str, Precision | None]] = []
+    for runtime in RUNTIMES[artifact_kind(engine)]:
+        if cfg.runtimes is not None and runtime not in cfg.runtimes:
+            continue
+        if runtime == "openvino" and cfg.runtimes is None:
+            try:
+                import_openvino()
+            except MissingDependencyError as e:
+                log(f"skipping openvino: {e}")
+                continue
+        if cfg.precisions is not None:
+            out += [(runtime, parse_precision(p)) for p in cfg.precisions]
+        else:
+            out += [(runtime, p) for p in _default_precisions(runtime, dev)]
+    if not out:
+        raise InvalidArgumentError(f"no runtime x precision asked for can run {engine.name} on {dev}")
+    return out
+
+
+def _eager_twins(pairs: list[tuple], dev: torch.device) -> list[Precision]:
+    """Reduced precisions to run eager torch in too: those the engines run in, where torch autocast can."""
+    reduced = {p for _, p in pairs if p is not None and p.reduced}
+    if dev.type == "cpu":
+        reduced.discard(Precision.FP16)
+        if not cpu_has_bf16():
+            reduced.discard(Precision.BF16)
+    return sorted(reduced, key=lambda p: p.value)
+
+
+def _mark_fastest(rows: list[dict[str, Any]]) -> None:
+    for stage in ("forward", "loop"):
+        mine = [r for r in rows if r["stage"] == stage]
+        if mine:
+            min(mine, key=lambda r: r["median_s"])["fastest"] = True
+
+
+def _open_all(cfg: BenchConfig, engine: Path, dev: torch.device, pairs: list[tuple], opened: list) -> float:
+    """Open every pair into ``opened`` (the caller closes them); the seconds the first one took to open."""
+    load_s = 0.0
+    for runtime, precision in pairs:
+        t0 = time.perf_counter()
+        opened.append(
+            open_backend(engine, device=dev, threads=cfg.threads, runtime=runtime, precision=precision)
+        )
+        load_s = load_s or time.perf_counter() - t0
+    return load_s
+
+
+def _bench_batch(case: Case, opened: list, twins: list, log: Callable[[str], Any]) -> dict[str, Any]:
+    """bench_case for the first backend, then forward + loop rows of every other one and of the eager twins."""
+    backend = opened[0]
+    res = bench_case(case)
+    for r in res["rows"]:
+        if r["stage"] != "update":
+            tags = ("eager torch", "fp32") if r.get("baseline") else (backend.name, str(backend.precision))
+            r["runtime"], r["precision"] = tags
+    for other in opened[1:]:
+        log(f"  {other.name} {other.precision} ...")
+        res["rows"] += bench_variant(case, res, other, runtime=other.name, precision=str(other.precision))
+    for precision, twin in twins:
+        log(f"  eager torch {precision} ...")
+        res["rows"] += bench_variant(
+            case, res, twin, runtime="eager torch", precision=str(precision), eager=True
+        )
+    _mark_fastest(res["rows"])
+    return res
+
+
 def _bench_engine(
     cfg: BenchConfig, engine: Path, dev: torch.device, rates: DeviceRates, log: Callable[[str], Any]
 ) -> list[dict[str, Any]]:
-    """Open the engine and its eager twin once, then measure every batch size."""
-    t0 = time.perf_counter()
-    with open_backend(engine, device=dev, threads=cfg.threads) as backend:
-        load_s = time.perf_counter() - t0
+    """Open every runtime x precision of the engine and its eager twins once, then measure every batch size."""
+    pairs = variants(cfg, engine, dev, log)
+    opened: list[Any] = []
+    try:
+        load_s = _open_all(cfg, engine, dev, pairs, opened)
+        backend = opened[0]
         plan = SamplingPlan.create(backend.meta, steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed)
         t0 = time.perf_counter()
         model, weights = eager_model(engine, backend.meta, cfg.ckpt, dev)
         eager_load_s = time.perf_counter() - t0
+        twins = [(p, autocast_twin(model, p, dev)) for p in _eager_twins(pairs, dev)]
+        described = [
+            {"runtime": b.name, "precision": str(b.precision), "description": b.description} for b in opened
+        ]
         results = []
         for batch in cfg.batches:
             log(f"bench {engine.name} batch {batch} on {dev} ...")
-            res = bench_case(Case(cfg, backend, model, plan, dev, batch, rates))
+            res = _bench_batch(Case(cfg, backend, model, plan, dev, batch, rates), opened, twins, log)
             results.append(
                 {
                     "engine": str(engine),
                     "backend": backend.name,
                     "backend_description": backend.description,
+                    "precision": str(backend.precision),
+                    "variants": described,
                     "device": str(dev),
                     "baseline_weights": weights,
                     "setup_s": {"backend_load": load_s, "eager_model_load": eager_load_s},
                     **res,
                 }
             )
+    finally:
+        for b in reversed(opened):
+            b.close()
     return results
 
 
@@ -190,10 +324,12 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if "batch" in tg and res["batch"] != tg["batch"]:
                 continue
-            if "backend" in tg and res["backend"] != tg["backend"]:
-                continue
             for row in res["rows"]:
                 if row["stage"] != tg["stage"] or row.get("baseline"):
+                    continue
+                if "backend" in tg and row.get("runtime", res["backend"]) != tg["backend"]:
+                    continue
+                if row.get("precision", "fp32") != tg.get("precision", row.get("precision", "fp32")):
                     continue
                 if tg["stage"] == "update" and row["impl"] != FUSED_TABLE:
                     continue
@@ -237,6 +373,8 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], Any] = print) -> dict[st
             "loop_budget_s": cfg.loop_budget_s,
             "cuda_graph": cfg.cuda_graph,
             "threads": torch.get_num_threads(),
+            "runtimes": cfg.runtimes,
+            "precisions": cfg.precisions,
         },
         "results": results,
         "targets": _targets(results),

@@ -31,7 +31,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch {m['torch']}, onnxruntime "
-        f"{m['onnxruntime']}, torch threads {report['config']['threads']}); copy bandwidth "
+        f"{m['onnxruntime']}, openvino {m.get('openvino', '-')}, torch threads {report['config']['threads']}, "
+        f"native bf16 {m.get('cpu_native_bf16', '-')}); copy bandwidth "
         f"{report['rates']['copy_bandwidth_GBps']:.1f} GB/s, matmul {report['rates']['matmul_GFLOPps']:.0f} GFLOP/s",
         "",
         f"Command: `{report['command']}`",
@@ -46,8 +47,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             if r["stage"] == "loop" and res["loop_steps_timed"] != res["steps"]:
                 note = f" ({res['steps']} steps, timed over {res['loop_steps_timed']})"
             xf = f"{r['x_floor']:.1f}" if r["x_floor"] else "-"
+            impl = r["impl"]
+            if r.get("precision") and not r.get("baseline") and r["precision"] not in impl:
+                impl = f"{impl}, {r['precision']}"  # the engine's own rows name only the runtime
+            impl = f"**{impl}** (fastest)" if r.get("fastest") else impl
             lines.append(
-                f"| {name} | {res['batch']} | {r['stage']}{note} | {r['impl']} | {_fmt_s(r['median_s'])} | "
+                f"| {name} | {res['batch']} | {r['stage']}{note} | {impl} | {_fmt_s(r['median_s'])} | "
                 f"{_fmt_s(r['p90_s'])} | {_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |"
             )
     lines.append("")
@@ -67,7 +72,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         for t in report["targets"]:
             lines.append(
-                f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:.0f}x | "
+                f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:g}x | "
                 f"{t['measured_ratio']:.2f}x | {'yes' if t['met'] else '**no**'} |"
             )
     return "\n".join(lines) + "\n"
@@ -83,7 +88,13 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
             if r.get("baseline"):
                 continue
             # forward/loop rows are named after the backend; one bar series per stage keeps engines comparable
+            # (extra runtime x precision rows: one series each, by their tags)
             key = f"{r['stage']}: {r['impl']}" if r["stage"] == "update" else f"{r['stage']}: engine"
+            if "runtime" in r and (r["runtime"], r["precision"]) != (
+                res["backend"],
+                res.get("precision", "fp32"),
+            ):
+                key = f"{r['stage']}: {r['runtime']} {r['precision']}"
             groups.setdefault(key, [math.nan] * len(report["results"]))[j] = r["speedup"]
     fig, ax = new_figure((max(6, 2.2 * len(labels)), 4), dpi=120)
     width = 0.8 / max(1, len(groups))

@@ -4,11 +4,17 @@ Each stage times the engine's way against the eager-PyTorch baseline of runtime/
 report rows (median, p90, floor, speed-up over the stage's baseline). The engine's loop is the project's one
 reverse loop (``ddpm.reverse``, via runtime/sampling.py) with the sampler asked for; the baseline loop stays the
 DDPM loop of separate torch ops + randn, on purpose outside ``ddpm.reverse``.
+
+:func:`bench_variant` adds the other runtime x precision pairs of the same case (OpenVINO fp32/bf16 beside
+onnxruntime, torch bf16 autocast beside torch fp32, eager torch bf16 beside the eager baseline): forward and loop
+only, on the same inputs and the same k timed steps, each against the same fp32 eager baselines.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +26,7 @@ from ddpm.checkpoint import load_model
 from ddpm.diffusion import step as reference_step
 from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
 from ddpm.models import build_model
+from ddpm.precision import Precision
 from ddpm.schedule import COEF_C, Sampler
 
 from . import baseline
@@ -31,7 +38,7 @@ from .timing import Timing, peak_memory_bytes, peak_memory_reset, sync, time_fn
 if TYPE_CHECKING:
     from .bench import BenchConfig
 
-__all__ = ["FUSED_TABLE", "Case", "eager_model", "bench_case"]
+__all__ = ["FUSED_TABLE", "Case", "eager_model", "bench_case", "bench_variant", "autocast_twin"]
 
 FUSED_TABLE = "fused kernel (step table)"
 _ROTATE = 4  # rotating inputs, so no stage times a cache that already holds its one input
@@ -238,3 +245,72 @@ def bench_case(case: Case) -> dict[str, Any]:
         "eager_samples_per_s": case.batch / scaled["eager"].median,
         "rows": fwd_rows + upd_rows + loop_rows,
     }
+
+
+def autocast_twin(model: torch.nn.Module, precision: Precision, device: torch.device) -> Callable:
+    """Eager torch at a reduced precision: a channels-last copy of the baseline model under ``torch.autocast``,
+    its output cast back to float32 (what a plain PyTorch user gets from two lines of autocast)."""
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)  # the fp32 baseline keeps its layout
+    dtype = torch.bfloat16 if precision is Precision.BF16 else torch.float16
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype):
+            out = twin(x, t)
+        return out.to(torch.float32, memory_format=torch.contiguous_format)
+
+    return forward
+
+
+def bench_variant(
+    case: Case, result: dict[str, Any], fn: Callable, *, runtime: str, precision: str, eager: bool = False
+) -> list[dict[str, Any]]:
+    """Forward and loop rows of one more runtime x precision on ``case``, beside ``result`` (bench_case's):
+    the same rotating inputs, the same k timed loop steps scaled to ``steps``, speed-ups over the same fp32
+    eager baselines. ``eager``: ``fn`` is an eager model, looped by the eager DDPM loop; otherwise a backend,
+    looped by ``ddpm.reverse`` with the fused step. Floors are fp32 floors: a bf16 row may beat one."""
+    xs, ts, dev, cfg = case.xs, case.ts, case.dev, case.cfg
+    base = {r["stage"]: r for r in result["rows"] if r.get("baseline")}
+    fwd = time_fn(lambda k: fn(xs[k % _ROTATE], ts[k % _ROTATE]), device=dev, repeats=cfg.repeats)
+    k, steps = result["loop_steps_timed"], result["steps"]
+    kplan = (
+        case.plan
+        if k == steps
+        else SamplingPlan.create(case.backend.meta, steps=k, sampler=cfg.sampler, seed=cfg.seed)
+    )
+    sched = baseline.EagerScheduler(kplan.schedule, dev)
+
+    def loop_fn(_k: int) -> torch.Tensor:
+        if eager:
+            return baseline.eager_loop(fn, sched, xs[0], range(k - 1, -1, -1))
+        return sample_batch(fn, kplan, case.batch)
+
+    sampler = "" if kplan.sampler is Sampler.DDPM else f" {kplan.sampler}"
+    impl = f"eager torch {precision} + DDPM update" if eager else f"{runtime} {precision} + fused{sampler}"
+    reps = 3 if fwd.median * k < cfg.loop_budget_s / 6 else 1
+    with torch.inference_mode():
+        loop = time_fn(loop_fn, device=dev, warmup=1, repeats=reps)
+    scale = steps / k
+    loop = Timing(loop.median * scale, loop.p90 * scale, loop.mean * scale, loop.repeats)
+    tags = {"runtime": "eager torch" if eager else runtime, "precision": precision}
+    fwd_name = f"eager torch {precision}" if eager else f"{runtime} {precision}"
+    return [
+        _row(
+            "forward",
+            fwd_name,
+            fwd,
+            base["forward"]["floor_s"],
+            speedup=base["forward"]["median_s"] / fwd.median,
+            **tags,
+        ),
+        _row(
+            "loop",
+            impl,
+            loop,
+            base["loop"]["floor_s"],
+            speedup=base["loop"]["median_s"] / loop.median,
+            **tags,
+        ),
+    ]

@@ -12,6 +12,13 @@ from ddpm.cliutil import invocation, parse_int_list
 from ddpm.io import check_writable, write_text_atomic
 
 
+def _names(text: str | None) -> list[str] | None:
+    """'openvino, onnxruntime' -> ['openvino', 'onnxruntime']; None stays None (every one available)."""
+    if text is None:
+        return None
+    return [n.strip().lower() for n in text.split(",") if n.strip()]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
@@ -45,6 +52,18 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--cuda-graph", help="GPU: replay the loop as one CUDA graph")
         ] = False,
         threads: Annotated[int | None, typer.Option(help="CPU threads for torch and onnxruntime")] = None,
+        runtime: Annotated[
+            str | None,
+            typer.Option(
+                help="comma-separated runtimes to compare (default: every one that runs the engine)"
+            ),
+        ] = None,
+        precision: Annotated[
+            str | None,
+            typer.Option(
+                help="comma-separated precisions fp32,bf16,fp16 (default: every one supported here)"
+            ),
+        ] = None,
         json_out: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON")] = None,
         md_out: Annotated[Path | None, typer.Option("--md", help="write the markdown table")] = None,
         plot: Annotated[Path | None, typer.Option(help="bar plot of speed-ups (PNG)")] = None,
@@ -68,6 +87,8 @@ def register(app: typer.Typer) -> None:
             cuda_graph=cuda_graph,
             threads=threads,
             command=invocation(),
+            runtimes=_names(runtime),
+            precisions=_names(precision),
         )
         report = run_bench(cfg, log=lambda s: typer.echo(s, err=True))
         md = render_markdown(report)

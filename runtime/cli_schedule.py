@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from ddpm.errors import InvalidArgumentError
 from ddpm.io import check_writable
 from ddpm.schedule import Schedule
+from ddpm.validate import MAX_TIMESTEPS
 
 from .schedule_report import plot_schedule, schedule_table
 
@@ -27,6 +29,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Print a schedule's table (t, beta, alphabar, SNR) and optionally plot it."""
+        # Checked before anything is computed: every schedule array is O(T).
+        if not 1 <= timesteps <= MAX_TIMESTEPS:
+            raise InvalidArgumentError(
+                f"--timesteps: timesteps T must be an integer >= 1 and <= {MAX_TIMESTEPS}, got {timesteps}"
+            )
+        if rows < 2:
+            raise InvalidArgumentError(f"--rows must be >= 2, got {rows}")
+        if plot is not None and plot.suffix.lower() != ".png":
+            raise InvalidArgumentError(
+                f"--plot {str(plot)!r} must be a .png file (the plot is written as PNG)"
+            )
         sched = Schedule.create(kind, timesteps)
         if steps is not None:
             sched = sched.respace(steps)

@@ -12,6 +12,7 @@ the ``--cuda-graph`` executor.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,9 +27,12 @@ from ddpm.loop import CHECK_EVERY, KERNELS, FiniteWatch, ReversePlan, StepExecut
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
 from ddpm.schedule import Sampler, Variance
+from ddpm.spacing import Spacing
+from ddpm.validate import MAX_BATCH_ELEMENTS, MAX_NUM_SAMPLES
 
 from .backends import open_backend
 from .sampling_graph import CudaGraphExecutor
+from .shard import Shard
 
 __all__ = [
     "KERNELS",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int], None]  # progress: called with the number of steps just done
+BatchCallback = Callable[[int, torch.Tensor], None]  # (sample offset, finished batch on the CPU)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -80,10 +85,16 @@ class SamplingPlan(ReversePlan):
         clip: float | None = None,
         seed: int = 0,
         kernel: str = "fused",
+        spacing: Spacing | str | None = None,
     ) -> SamplingPlan:
-        """A plan for an artifact's (already validated) metadata; every argument is checked here, once."""
+        """A plan for an artifact's (already validated) metadata; every argument is checked here, once.
+        ``spacing`` (uniform | trailing | logsnr, ddpm/spacing.py) picks the kept timesteps when ``steps`` < T;
+        None takes the sampler's default (``Sampler.default_spacing``)."""
         base = schedule_from_meta(meta)
-        schedule = base if steps is None else base.respace(_check_int("steps", steps, 1, len(base)))
+        spacing = Sampler.parse(sampler).default_spacing if spacing is None else Spacing.parse(spacing)
+        schedule = (
+            base if steps is None else base.respace(_check_int("steps", steps, 1, len(base)), spacing=spacing)
+        )
         if kernel not in KERNELS:
             raise InvalidArgumentError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
         return cls.parse(
@@ -135,16 +146,24 @@ class SampleRun:
     kernel: str
     cuda_graph: bool
     seconds: float
+    precision: str = "fp32"  # the network's arithmetic; the update always runs in float32
+    # samples produced; when batches were streamed to ``on_batch``, ``samples`` holds none of them
+    count: int | None = None
+
+    @property
+    def produced(self) -> int:
+        return self.samples.shape[0] if self.count is None else self.count
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples.shape[0] / self.seconds if self.seconds > 0 else float("inf")
+        return self.produced / self.seconds if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
         graph = " cuda_graph=on" if self.cuda_graph else ""
+        graph += f" precision={self.precision}" if self.precision != "fp32" else ""
         return (
             f"backend={self.backend} device={self.device} steps={self.steps} batch={self.batch} "
-            f"samples={self.samples.shape[0]} kernel={self.kernel}{graph} seconds={self.seconds:.2f} "
+            f"samples={self.produced} kernel={self.kernel}{graph} seconds={self.seconds:.2f} "
             f"samples/s={self.samples_per_second:.2f}"
         )
 
@@ -185,6 +204,8 @@ def _run_batches(
     batch: int,
     cuda_graph: bool,
     on_step: StepCallback | None,
+    on_batch: BatchCallback | None = None,
+    first: int = 0,
 ) -> SampleRun:
     executor = graph_executor(backend, plan, cuda_graph)
     dev = backend.device
@@ -196,11 +217,17 @@ def _run_batches(
     with torch.no_grad(), torch.cuda.stream(stream) if dev.type == "cuda" else contextlib.nullcontext():
         for offset in range(0, num_samples, batch):
             n = min(batch, num_samples - offset)
-            x = sample_batch(backend, plan, n, sample_offset=offset, on_step=on_step, executor=executor)
-            outs.append(x.to("cpu"))  # on CUDA: the sync that ends the batch
+            x = sample_batch(
+                backend, plan, n, sample_offset=first + offset, on_step=on_step, executor=executor
+            )
+            x = x.to("cpu")  # on CUDA: the sync that ends the batch
+            if on_batch is None:
+                outs.append(x)
+            else:  # streamed: memory stays one batch, whatever num_samples is
+                on_batch(offset, x)
     seconds = time.perf_counter() - start
     return SampleRun(
-        samples=torch.cat(outs),
+        samples=torch.cat(outs) if outs else torch.empty((0, *plan.sample_shape)),
         backend=backend.name,
         description=backend.description,
         device=str(dev),
@@ -209,6 +236,8 @@ def _run_batches(
         kernel=plan.kernel,
         cuda_graph=cuda_graph,
         seconds=seconds,
+        precision=str(getattr(backend, "precision", "fp32")),
+        count=None if on_batch is None else num_samples,
     )
 
 
@@ -228,15 +257,27 @@ def sample_run(
     compile: bool = False,
     cuda_graph: bool = False,
     threads: int | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
+    spacing: Spacing | str | None = None,
     on_start: Callable[[Any, SamplingPlan], None] | None = None,
     on_step: StepCallback | None = None,
+    model_hook: Callable[[Any, SamplingPlan], Any] | None = None,
+    on_batch: BatchCallback | None = None,
+    first: int = 0,
 ) -> SampleRun:
     """:func:`sample` with the run's facts: what ``ddpm run`` calls. The artifact is opened (and its metadata
     read) once, the plan built once; ``on_start(backend, plan)`` runs before the first batch (the CLI prints
-    its header and starts the progress bar there), ``on_step(k)`` after every k steps."""
-    num_samples = _check_int("num_samples", num_samples, 1)
+    its header and starts the progress bar there), ``on_step(k)`` after every k steps. ``model_hook(backend,
+    plan)`` returns what the loop calls instead of the backend (``--trajectory`` records x and m through it).
+    ``on_batch(offset, x)`` receives each finished batch (CPU float32) instead of the result keeping it, so
+    memory is bounded by the batch, not by ``num_samples``. ``first`` is the global index of the first sample
+    (a shard's start, runtime/shard.py): the run draws samples ``first .. first + num_samples - 1``."""
+    num_samples = _check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
+    first = _check_int("first", first, 0, MAX_NUM_SAMPLES - num_samples)
     batch = _check_int("batch", batch, 1)
-    with _open(engine, device=device, compile=compile, threads=threads, cuda_graph=cuda_graph) as backend:
+    options = {"compile": compile, "threads": threads, "cuda_graph": cuda_graph}
+    with _open(engine, device=device, runtime=runtime, precision=precision, **options) as backend:
         plan = SamplingPlan.create(
             backend.meta,
             steps=steps,
@@ -246,10 +287,18 @@ def sample_run(
             clip=clip,
             seed=seed,
             kernel=kernel,
+            spacing=spacing,
         )
+        values = math.prod(plan.sample_shape)
+        if min(batch, num_samples) * values > MAX_BATCH_ELEMENTS:
+            raise InvalidArgumentError(
+                f"batch {batch} x {values} values per sample exceeds {MAX_BATCH_ELEMENTS} values per batch tensor; "
+                f"use a batch <= {max(1, MAX_BATCH_ELEMENTS // values)}"
+            )
         if on_start is not None:
             on_start(backend, plan)
-        return _run_batches(backend, plan, num_samples, batch, cuda_graph, on_step)
+        model = backend if model_hook is None else model_hook(backend, plan)
+        return _run_batches(model, plan, num_samples, batch, cuda_graph, on_step, on_batch, first)
 
 
 def sample(
@@ -268,22 +317,36 @@ def sample(
     compile: bool = False,
     cuda_graph: bool = False,
     threads: int | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
+    spacing: Spacing | str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` samples from an artifact (checkpoint, ONNX file or TensorRT engine), like ``ddpm run``.
 
     Args:
         engine: a path, or an already opened backend (runtime/backends).
         steps: sampling steps N <= T (respaced, improved-diffusion semantics); None = T.
+        spacing: which N timesteps (uniform | trailing | logsnr); None = the sampler's default (uniform for
+            ddpm/ddim, trailing for dpm++2m/dpm++2m-sde).
         batch: samples per batch; sample k is the same for any batch size (Philox noise keyed by sample index).
         seed / sampler / eta / variance / clip / kernel: see :func:`ddpm.reverse`; sampler is any name
             ``ddpm.Sampler`` accepts (ddpm, ddim, dpm++2m, dpm++2m-sde).
         device: auto | cpu | cuda | cuda:N.  compile, threads, cuda_graph: backend options (runtime/backends).
+        runtime: None (the artifact's default) | onnxruntime | openvino (ONNX on CPU).
+        precision: the network's arithmetic, fp32 | bf16 | fp16, or None for the artifact's own; the update
+            runs in float32 whatever it is. Unsupported combinations raise InvalidArgumentError.
+        shard: (k, n) returns only shard k of n: the contiguous global samples k M // n .. (k + 1) M // n - 1,
+            exactly those rows of the full run (runtime/shard.py).
     Returns:
-        [num_samples, *sample_shape] float32 on the CPU (images in [-1, 1] scale, as trained).
+        [num_samples, *sample_shape] float32 on the CPU (images in [-1, 1] scale, as trained); with ``shard``,
+        [shard size, *sample_shape].
     """
+    first, stop = Shard.parse(shard).range(num_samples) if shard is not None else (0, num_samples)
     return sample_run(
         engine,
-        num_samples,
+        stop - first,
+        first=first,
         steps=steps,
         batch=batch,
         seed=seed,
@@ -296,6 +359,9 @@ def sample(
         compile=compile,
         cuda_graph=cuda_graph,
         threads=threads,
+        runtime=runtime,
+        precision=precision,
+        spacing=spacing,
     ).samples
 
 
@@ -305,4 +371,9 @@ def _open(engine: Any, **options: Any) -> contextlib.AbstractContextManager:
         return open_backend(engine, **options)
     if not callable(engine) or not hasattr(engine, "meta") or not hasattr(engine, "device"):
         raise InvalidArgumentError(f"engine must be a path or an open backend, got {type(engine).__name__}")
+    want, have = options.get("precision"), str(getattr(engine, "precision", "fp32"))
+    if want is not None and str(want).lower() != have:  # an open backend's precision was fixed when it opened
+        raise InvalidArgumentError(
+            f"precision {want!r} asked of an open {have} backend; open it with that precision"
+        )
     return contextlib.nullcontext(engine)

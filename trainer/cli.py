@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -46,8 +47,15 @@ def train_cmd(
     ] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (bf16 autocast on cuda)")] = "auto",
     resume: Annotated[bool, typer.Option(help="continue exactly from OUT/train_state.pt")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace the run already in OUT (refused without this or --resume)")
+    ] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch [torch's default]")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    dist_backend: Annotated[
+        str | None,
+        typer.Option(help="under torchrun: nccl | gloo [nccl for cuda, gloo for cpu]; unused without it"),
+    ] = None,
 ) -> None:
     """Train a DDPM denoiser (Algorithm 1) and write OUT/model.safetensors, samples.png and loss.csv/png."""
     from .train import TrainConfig, train
@@ -76,9 +84,12 @@ def train_cmd(
         device=device,
         threads=threads,
         resume=resume,
+        overwrite=overwrite,
         progress=not quiet,
     )
-    ckpt = train(cfg)
+    ckpt = train(cfg, dist_backend=dist_backend)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone wrote the run and reports it
+        return
     typer.echo(f"checkpoint: {ckpt}")
     typer.echo(f"samples:    {out / 'samples.png'}")
     typer.echo(f"loss:       {out / 'loss.csv'}, {out / 'loss.png'}")

@@ -9,6 +9,7 @@ ArtifactError naming the path and the layout that was expected.
 from __future__ import annotations
 
 import gzip
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.validate import MAX_IMAGE_SIZE
 
 __all__ = ["Dataset", "DATASET_KINDS", "load_dataset", "swissroll", "dataset_kind"]
 
@@ -24,6 +26,9 @@ DATASET_KINDS = ("swissroll", "digits", "mnist", "cifar10", "folder")
 _NEEDS_DIR = ("mnist", "cifar10", "folder")
 _ALLOWED = "swissroll, digits, mnist:DIR, cifar10:DIR, folder:DIR"
 _IMAGE_EXT = (".png", ".jpg", ".jpeg")
+# A source image's pixels (8192^2 / 64M: far above any training image) and a dataset's uint8 bytes in memory.
+MAX_IMAGE_PIXELS = 1 << 26
+MAX_DATASET_BYTES = 8 << 30
 
 
 @dataclass
@@ -84,9 +89,13 @@ def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False
     if kind not in _NEEDS_DIR and folder:
         raise InvalidArgumentError(f"dataset {kind!r} takes no folder (got {spec!r}); allowed: {_ALLOWED}")
     if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or not 1 <= image_size <= MAX_IMAGE_SIZE
     ):
-        raise InvalidArgumentError(f"--image-size must be a positive integer, got {image_size!r}")
+        raise InvalidArgumentError(
+            f"--image-size must be a positive integer <= {MAX_IMAGE_SIZE}, got {image_size!r}"
+        )
     if kind == "swissroll":
         if image_size is not None:
             raise InvalidArgumentError("--image-size does not apply to swissroll (2-D points)")
@@ -102,6 +111,7 @@ def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False
     else:
         data = _folder(Path(folder), image_size or 32)
     if image_size is not None and data.shape[-1] != image_size:
+        _check_bytes(spec, len(data), data.shape[1] * image_size * image_size)
         data = _resize(data, image_size)
     return Dataset(spec, data, flip)
 
@@ -190,14 +200,34 @@ def _folder(folder: Path, size: int) -> torch.Tensor:
         raise ArtifactError(f"folder: no PNG/JPEG images (*.png, *.jpg, *.jpeg) found under {str(folder)!r}")
     from PIL import Image, UnidentifiedImageError
 
+    _check_bytes(f"folder:{folder}", len(files), 3 * size * size)
     out = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for k, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                out[k] = _centre_crop(im.convert("RGB"), size).transpose(2, 0, 1)
+            # PIL's own bomb guard only warns below 2x its limit; ours refuses from the header, before decoding.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    w, h = im.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        raise ArtifactError(
+                            f"{f}: image is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS} are decoded "
+                            "(a decompression bomb, or resize it first)"
+                        )
+                    out[k] = _centre_crop(im.convert("RGB"), size).transpose(2, 0, 1)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ArtifactError(f"{f}: refused: {e}") from None
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ArtifactError(f"{f}: cannot decode image ({e})") from None
     return torch.from_numpy(out)
+
+
+def _check_bytes(what: str, n: int, per_image: int) -> None:
+    if n * per_image > MAX_DATASET_BYTES:
+        raise InvalidArgumentError(
+            f"{what}: {n} images of {per_image} bytes is {n * per_image / 1e9:.3g} GB in memory; at most "
+            f"{MAX_DATASET_BYTES / 1e9:.3g} GB (use a smaller --image-size or fewer images)"
+        )
 
 
 def _centre_crop(im, size: int) -> np.ndarray:
@@ -216,7 +246,8 @@ def _resize(data: torch.Tensor, size: int) -> torch.Tensor:
     """Square images [N, C, H, W] (uint8 or float32) -> [N, C, size, size], same dtype (bilinear,
     antialiased when shrinking); chunked so a 50k-image set never needs a full float32 copy."""
     out = []
-    for chunk in data.split(4096):
+    # about 256 MB of float32 per chunk, whatever the image size
+    for chunk in data.split(max(1, min(4096, (1 << 26) // (data.shape[1] * size * size)))):
         x = F.interpolate(
             chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )

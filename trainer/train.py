@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +30,30 @@ import torch.nn.functional as F
 
 from ddpm.devices import resolve_device
 from ddpm.diffusion import q_sample, training_target
-from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.errors import ArtifactError, InvalidArgumentError, TrainingError
 from ddpm.images import save_samples_png
-from ddpm.io import atomic_path, write_text_atomic
-from ddpm.models import build_model, count_params, preset_config
+from ddpm.io import write_text_atomic
+from ddpm.models import PRESETS, build_model, count_params, preset_config
 from ddpm.schedule import Prediction, Schedule
+from ddpm.validate import MAX_IMAGE_SIZE, MAX_TIMESTEPS
 
-from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    STATE_NAME,
+    STATE_VERSION,
+    check_optimizer_state,
+    check_run_folder,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
 from .data import Dataset, dataset_kind, load_dataset
+from .distributed import DistContext, process_group
 from .preview import plot_loss, reference_sample, write_loss_csv
 from .progress import TrainProgress
 
 __all__ = ["TrainConfig", "DATASET_DEFAULTS", "train", "STATE_NAME"]
 
-STATE_NAME = "train_state.pt"
-_STATE_VERSION = 1
 
 # Per dataset kind: the preset and optimisation settings used when an option is left at None. swissroll and
 # digits are sized to train in minutes on a 2-core CPU (see tests/test_train_quality.py).
@@ -57,6 +65,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "folder": {"model": "cifar10", "iters": 100000, "batch_size": 64, "lr": 2e-4, "ema_decay": 0.9999},
 }
 _FLIP_DEFAULT = {"cifar10": True, "folder": True}
+_MAX_ITERS = 10**9  # CIFAR-10's 800k steps is the longest default
+_MAX_BATCH = 1 << 16  # batch size and preview samples
 
 
 @dataclass
@@ -88,6 +98,7 @@ class TrainConfig:
     # train several times faster on 1 thread than on 2 (the OpenMP pool spins against other processes).
     threads: int | None = None
     resume: bool = False  # continue from out/train_state.pt
+    overwrite: bool = False  # replace the outputs of an existing run in `out` (refused without it or resume)
     progress: bool = True  # rich progress bar on stderr
 
     def resolved(self) -> TrainConfig:
@@ -114,6 +125,7 @@ class TrainConfig:
             "device",
             "threads",
             "resume",
+            "overwrite",
             "progress",
         }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -127,50 +139,56 @@ def _validate(c: TrainConfig) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
-    need(is_int(c.iters) and c.iters >= 1, f"--iters must be an integer >= 1, got {c.iters!r}")
+    # The schedule's length first: later checks (--sample-steps) are phrased against it.
     need(
-        is_int(c.batch_size) and c.batch_size >= 1,
-        f"--batch-size must be an integer >= 1, got {c.batch_size!r}",
+        is_int(c.timesteps) and 1 <= c.timesteps <= MAX_TIMESTEPS,
+        f"--timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {c.timesteps!r}",
     )
-    need(math.isfinite(c.lr) and c.lr > 0, f"--lr must be a positive number, got {c.lr!r}")
-    need(is_int(c.warmup) and c.warmup >= 0, f"--warmup must be an integer >= 0, got {c.warmup!r}")
-    need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay!r}")
-    need(c.grad_clip > 0, f"--grad-clip must be > 0, got {c.grad_clip!r}")
+    need(
+        c.image_size is None or (is_int(c.image_size) and 1 <= c.image_size <= MAX_IMAGE_SIZE),
+        f"--image-size must be a positive integer <= {MAX_IMAGE_SIZE}, got {c.image_size!r}",
+    )
+    # Upper bounds: far beyond any real run, they stop a typo from training forever or allocating terabytes.
+    need(is_int(c.iters) and 1 <= c.iters <= _MAX_ITERS, f"--iters must be an integer >= 1, got {c.iters!r}")
+    need(
+        is_int(c.batch_size) and 1 <= c.batch_size <= _MAX_BATCH,
+        f"--batch-size must be an integer >= 1 and <= {_MAX_BATCH}, got {c.batch_size!r}",
+    )
+    # 1e30: far beyond any real run, and below where AdamW's float32 step overflows before it starts
+    need(math.isfinite(c.lr) and 0 < c.lr <= 1e30, f"--lr must be a positive number <= 1e30, got {c.lr!r}")
+    need(
+        is_int(c.warmup) and 0 <= c.warmup <= _MAX_ITERS,
+        f"--warmup must be an integer >= 0, got {c.warmup!r}",
+    )
+    need(
+        math.isfinite(c.weight_decay) and 0 <= c.weight_decay <= 1e30,
+        f"--weight-decay must be >= 0 and <= 1e30, got {c.weight_decay!r}",
+    )
+    need(math.isfinite(c.grad_clip) and c.grad_clip > 0, f"--grad-clip must be > 0, got {c.grad_clip!r}")
     need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {c.ema_decay!r}")
     need(
-        is_int(c.save_every) and c.save_every >= 0,
+        is_int(c.save_every) and 0 <= c.save_every <= _MAX_ITERS,
         f"--save-every must be an integer >= 0, got {c.save_every!r}",
     )
     need(
         is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}"
     )
     need(
-        c.num_samples is None or (is_int(c.num_samples) and c.num_samples >= 1),
-        f"--num-samples must be >= 1, got {c.num_samples!r}",
+        c.num_samples is None or (is_int(c.num_samples) and 1 <= c.num_samples <= _MAX_BATCH),
+        f"--num-samples must be >= 1 and <= {_MAX_BATCH}, got {c.num_samples!r}",
     )
     need(c.sample_steps <= c.timesteps, f"--sample-steps {c.sample_steps} exceeds --timesteps {c.timesteps}")
     need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in 0..2^63-1, got {c.seed!r}")
     need(c.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {c.device!r}")
+    need(c.model in PRESETS, f"unknown model preset {c.model!r}; allowed: {', '.join(PRESETS)}")
+    need(not (c.resume and c.overwrite), "--resume continues a run and --overwrite replaces it; give one")
     need(
-        c.threads is None or (is_int(c.threads) and c.threads >= 1),
-        f"--threads must be >= 1, got {c.threads!r}",
+        c.threads is None or (is_int(c.threads) and 1 <= c.threads <= 1024),
+        f"--threads must be >= 1 and <= 1024, got {c.threads!r}",
     )
     Prediction.parse(c.prediction)
     if c.schedule not in ("linear", "cosine"):
         raise InvalidArgumentError(f"unknown schedule kind {c.schedule!r}; allowed: linear, cosine")
-
-
-def _check_out_dir(out: Path) -> None:
-    """Fail before any work when the run directory cannot be created or written."""
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise InvalidArgumentError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"--out {str(out)!r}: folder {str(probe)!r} is not writable")
 
 
 def step_seed(seed: int, k: int, stream: int = 0) -> int:
@@ -234,35 +252,9 @@ def _model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
     return preset_config("mlp", dim=ds.sample_shape[0])
 
 
-def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    if not path.is_file():
-        raise ArtifactError(f"--resume: no training state {str(path)!r} (run without --resume to start)")
-    try:
-        # weights_only=True: only tensors and plain containers are unpickled; no code can run.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ArtifactError(f"{path}: corrupt training state ({type(e).__name__}: {str(e)[:120]})") from None
-    keys = {"version", "step", "model", "ema", "optimizer", "losses", "trajectory"}
-    if not isinstance(state, dict) or not keys <= set(state) or state["version"] != _STATE_VERSION:
-        raise ArtifactError(
-            f"{path}: not a ddpm training state (version {_STATE_VERSION} with keys {sorted(keys)})"
-        )
-    saved, now = json.loads(state["trajectory"]), json.loads(json.dumps(cfg.trajectory()))
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise InvalidArgumentError(
-            f"--resume: option {k} = {now.get(k)!r} differs from the run's {saved.get(k)!r} ({path}); "
-            "resume with the run's options (see config.json)"
-        )
-    if state["step"] >= cfg.iters:
-        raise InvalidArgumentError(
-            f"--resume: the run is already at step {state['step']}; pass --iters above it"
-        )
-    return state
-
-
-def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> Path:
+def train(
+    cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None, dist_backend: str | None = None
+) -> Path:
     """Train a denoiser; returns the checkpoint path (``cfg.out / "model.safetensors"``).
 
     ``on_step(k, loss)`` is called after each optimisation step (tests use it to interrupt a run).
@@ -272,23 +264,27 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, on_step)
+        with process_group(cfg.device, dist_backend) as dist:  # torchrun: DDP (trainer/distributed.py)
+            return _train(cfg, on_step, dist)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Path:
+def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist: DistContext) -> Path:
     out = Path(cfg.out)
-    _check_out_dir(out)
-    device = resolve_device(cfg.device)
+    check_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    device = dist.device(resolve_device(cfg.device))
+    dist.check_batch(cfg.batch_size)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, flip=cfg.flip).to(device)
     schedule = Schedule.create(cfg.schedule, cfg.timesteps)
     model_cfg = _model_config(cfg, ds)
-    state = _load_state(out / STATE_NAME, cfg) if cfg.resume else None
+    trajectory = json.loads(json.dumps(cfg.trajectory()))
+    state = load_train_state(out / STATE_NAME, trajectory=trajectory, iters=cfg.iters) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = dist.wrap(model, device)  # DDP under torchrun: gradients averaged over the ranks
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
     start = 0
@@ -297,36 +293,56 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (
+            RuntimeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+        ) as e:  # the ways torch says "misfit"
             raise ArtifactError(f"{out / STATE_NAME}: does not fit this model ({str(e)[:120]})") from None
+        check_optimizer_state(opt, out / STATE_NAME)
         start, losses = int(state["step"]), [float(v) for v in state["losses"].tolist()]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(_jsonable(cfg), indent=2) + "\n")
 
     meta = {
         "schedule": schedule.config,
         "prediction": str(Prediction.parse(cfg.prediction)),
         "dataset": cfg.data,
         "ema_decay": cfg.ema_decay,
+        **dist.facts(cfg.batch_size),
     }
     order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush, not per step)
 
+    saved_step = [start if state is not None else None]  # the last checkpoint on disk from this run
+
     def flush() -> None:
         if pending:
-            losses.extend(torch.stack(pending).tolist())
+            values = dist.mean(torch.stack(pending)).tolist()  # the global-batch loss on every rank
             pending.clear()
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                _diverged(out, cfg, len(losses) + bad + 1, f"the loss is {values[bad]}", saved_step[0])
+            losses.extend(values)
 
     def save(k: int) -> None:
         flush()
+        # The preview doubles as a divergence check: weights that sample to NaN/Inf are never saved.
+        x = _preview(ema, schedule, cfg, ds, device)
+        if not bool(torch.isfinite(x).all()):
+            _diverged(out, cfg, k, "the EMA weights sample to NaN/Inf", saved_step[0])
+        # The folder appears with the first good save: a run that fails before it leaves nothing behind.
+        out.mkdir(parents=True, exist_ok=True)
+        facts = dist.facts(cfg.batch_size)  # world_size and per-rank batch, beside the options
+        write_text_atomic(out / "config.json", json.dumps({**_jsonable(cfg), **facts}, indent=2) + "\n")
         save_checkpoint(out / CHECKPOINT_NAME, ema, {**meta, "step": k})
-        _save_previews(out, ema, schedule, cfg, ds, device, k)
+        _write_previews(out, x, cfg, k)
         write_loss_csv(out / "loss.csv", losses)
         plot_loss(out / "loss.png", losses, title=f"{cfg.data}: training loss")
         # The resume point goes last: it never refers to outputs that were not written.
         blob = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "step": k,
             "model": model.state_dict(),
             "ema": ema.state_dict(),
@@ -334,25 +350,26 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
             "losses": torch.tensor(losses, dtype=torch.float32),
             "trajectory": json.dumps(cfg.trajectory()),
         }
-        with atomic_path(out / STATE_NAME, what="training state") as tmp:
-            torch.save(blob, tmp)
+        save_train_state(out / STATE_NAME, blob)
+        saved_step[0] = k
 
     model.train()
     desc = (
         f"{cfg.data}: preset {cfg.model}, {count_params(model) / 1e6:.2f}M params, {device.type}, "
         f"steps {start + 1}..{cfg.iters}, batch {cfg.batch_size}, lr {cfg.lr:g}"
     )
-    with TrainProgress(desc, total=cfg.iters, start=start, enabled=cfg.progress) as bar:
+    with TrainProgress(desc, total=cfg.iters, start=start, enabled=cfg.progress and dist.is_main) as bar:
         for k in range(start + 1, cfg.iters + 1):
             idx = order.indices(k)
             torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps and dropout of this step
             x0 = ds.batch(idx)
             t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
             eps = torch.randn_like(x0)
+            x0, t, eps = dist.shard(x0, t, eps)  # drawn for the global batch, then this rank's rows
             x_t = q_sample(schedule, x0, t, eps)
             target = training_target(schedule, cfg.prediction, x0, t, eps)
             with autocast:
-                pred = model(x_t, t)
+                pred = net(x_t, t)
             loss = F.mse_loss(pred.float(), target)  # the loss in float32 even under bf16 autocast
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, k)
@@ -368,13 +385,23 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None) -> Pa
             if on_step is not None:
                 on_step(k, losses[-1])
             if k == cfg.iters or (cfg.save_every and k % cfg.save_every == 0):
-                save(k)
+                save(k) if dist.is_main else flush()  # rank 0 writes; every rank joins the loss mean
     return out / CHECKPOINT_NAME
 
 
-def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device, k: int) -> None:
+def _diverged(out: Path, cfg: TrainConfig, k: int, what: str, saved: int | None) -> None:
+    # Nothing is saved after this: the checkpoint on disk stays the last one with finite loss and samples.
+    kept = (
+        f"kept the last good checkpoint {out / CHECKPOINT_NAME} (step {saved})"
+        if saved is not None
+        else "nothing of this run was saved"
+    )
+    raise TrainingError(f"training diverged at step {k}: {what} (--lr {cfg.lr:g} too high?); {kept}")
+
+
+def _preview(ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device) -> torch.Tensor:
     n = cfg.num_samples or (64 if ds.is_image else 1000)
-    x = reference_sample(
+    return reference_sample(
         ema,
         schedule,
         cfg.prediction,
@@ -385,6 +412,9 @@ def _save_previews(out: Path, ema, schedule: Schedule, cfg: TrainConfig, ds: Dat
         clip=1.0 if ds.is_image else None,
         device=device,
     )
+
+
+def _write_previews(out: Path, x: torch.Tensor, cfg: TrainConfig, k: int) -> None:
     (out / "samples").mkdir(exist_ok=True)
     title = f"{cfg.data} step {k} ({cfg.sample_steps} DDPM steps)"
     save_samples_png(x, out / "samples" / f"step_{k:07d}.png", title=title)

@@ -4,9 +4,12 @@
         m = backend(x, t)          # x [N, *sample_shape] float32, t [N] int64 ORIGINAL timesteps, on backend.device
 
 The artifact decides the backend: a checkpoint (``.safetensors``) runs in PyTorch, an ONNX file in
-onnxruntime, a TensorRT engine in TensorRT. Every backend is a :class:`Backend` (base.py): the public call checks
+onnxruntime (or OpenVINO: ``runtime="openvino"``, CPU only), a TensorRT engine in TensorRT. ``precision``
+(fp32 | bf16 | fp16, default: the artifact's own) is checked here, once, against the runtime, the device and the
+file: bf16 on CPU through OpenVINO or torch autocast, fp16/bf16 on CUDA through an fp16 export, a TensorRT
+engine of that precision, or torch autocast. Every backend is a :class:`Backend` (base.py): the public call checks
 the inputs once, the subclass only infers. onnxruntime and tensorrt are imported when a backend is opened
-(Polygraphy's habit), so a missing optional package is one clear message and costs nothing until then.
+(Polygraphy's habit; openvino too), so a missing optional package is one clear message and costs nothing until then.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 from ddpm.artifacts import artifact_kind, read_metadata
 from ddpm.devices import default_cpu_threads, resolve_device
 from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.precision import Precision, artifact_precision, parse_precision
 
 from .base import Backend, BackendClosedError, check_call
 from .onnx_backend import OnnxRuntimeBackend
+from .openvino_backend import OpenVINOBackend, require_cpu
 from .tensorrt_backend import TensorRTBackend
 from .torch_backend import TorchBackend
 
@@ -30,16 +35,77 @@ __all__ = [
     "BackendClosedError",
     "BACKEND_FOR_KIND",
     "OnnxRuntimeBackend",
+    "OpenVINOBackend",
+    "Precision",
+    "RUNTIMES",
     "TensorRTBackend",
     "TorchBackend",
     "check_call",
     "default_cpu_threads",
     "open_backend",
+    "parse_runtime",
     "resolve_device",
 ]
 
 # artifact kind (ddpm.artifacts) -> backend name
 BACKEND_FOR_KIND = {"checkpoint": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
+# artifact kind -> the runtimes that can run it, the default first
+RUNTIMES = {"checkpoint": ("torch",), "onnx": ("onnxruntime", "openvino"), "tensorrt": ("tensorrt",)}
+
+
+def parse_runtime(runtime: str | None, kind: str, path: Path) -> str:
+    """The runtime for an artifact: None / "auto" -> the kind's default; otherwise one that can run it."""
+    if runtime is None or str(runtime).strip().lower() == "auto":
+        return RUNTIMES[kind][0]
+    name = str(runtime).strip().lower()
+    known = [r for rs in RUNTIMES.values() for r in rs]
+    if name not in known:
+        raise InvalidArgumentError(f"unknown runtime {runtime!r}; allowed: auto, {', '.join(known)}")
+    if name not in RUNTIMES[kind]:
+        raise InvalidArgumentError(
+            f"--runtime {name} cannot run {path.name} ({kind} file); allowed for it: {', '.join(RUNTIMES[kind])}"
+        )
+    return name
+
+
+def _check_precision_early(runtime: str, precision: Precision | None, device: torch.device) -> None:
+    """Refusals that need no file: fp16 on CPU, bf16 in onnxruntime on CPU (the rest: the backends)."""
+    if device.type != "cpu" or precision is None or precision is Precision.FP32:
+        return
+    if precision is Precision.FP16:
+        raise InvalidArgumentError(
+            "--precision fp16 is not supported on CPU (no fast fp16 arithmetic there); use fp32, or bf16 "
+            "(--runtime openvino for an ONNX file)"
+        )
+    if runtime == "onnxruntime":
+        raise InvalidArgumentError(
+            "onnxruntime's CPU provider has no bf16 path; use --runtime openvino --precision bf16"
+        )
+
+
+def _check_file_precision(path: Path, runtime: str, have: Precision, want: Precision | None) -> None:
+    """An ONNX export or a TensorRT engine computes in the precision it was written in: refuse another."""
+    if want is None or want is have:
+        return
+    if runtime == "tensorrt":
+        raise InvalidArgumentError(
+            f"{path.name} is a {have} TensorRT engine (its sidecar says so), not {want}; rebuild it with "
+            f"`ddpm export --precision {want}` or run with --precision {have}"
+        )
+    if want is Precision.FP16:
+        raise InvalidArgumentError(
+            f"{path.name} is a {have} ONNX file; --precision fp16 on CUDA needs an fp16 export: "
+            "`ddpm export --fp16`"
+        )
+    if want is Precision.BF16:
+        raise InvalidArgumentError(
+            f"{path.name} is a {have} ONNX file and onnxruntime runs bf16 on CUDA only from a bf16 graph, which "
+            "`ddpm export` does not write; use --precision fp16 (`ddpm export --fp16`) or a TensorRT engine "
+            "(`ddpm export --precision bf16`)"
+        )
+    raise InvalidArgumentError(
+        f"{path.name} is a {have} export; give the fp32 ONNX file for --precision fp32"
+    )
 
 
 def _check_options(path: Path, kind: str, *, compile: bool, threads: int | None) -> None:
@@ -62,6 +128,8 @@ def open_backend(
     compile: bool = False,
     threads: int | None = None,
     cuda_graph: bool = False,
+    runtime: str | None = None,
+    precision: Precision | str | None = None,
 ) -> Backend:
     """Open the backend an artifact calls for: checkpoint -> torch, ONNX -> onnxruntime, engine -> tensorrt.
 
@@ -74,6 +142,9 @@ def open_backend(
         compile: torch backend only: wrap the model in ``torch.compile``.
         threads: CPU intra-op threads (onnxruntime CPU EP and torch on CPU); default: the cores available.
         cuda_graph: onnxruntime on CUDA: enable its CUDA-graph capture (fixed IO-bound buffers).
+        runtime: None / "auto" (the artifact's default) | onnxruntime | openvino (ONNX, CPU) | torch | tensorrt.
+        precision: fp32 | bf16 | fp16, or None for the artifact's own (fp32 unless it is a half export or
+            engine). The opened backend's ``precision`` says what it computes in.
     """
     path = Path(engine)
     if not path.exists():
@@ -82,9 +153,30 @@ def open_backend(
         raise ArtifactError(f"engine {str(path)!r} is a directory; give a checkpoint, ONNX or TensorRT file")
     kind = artifact_kind(path)
     _check_options(path, kind, compile=compile, threads=threads)
+    name = parse_runtime(runtime, kind, path)
+    want = parse_precision(precision)
+    if name == "openvino":
+        # CPU only: "auto" means the CPU here, and any other device is refused before a GPU is looked for
+        device = "cpu" if str(device).strip().lower() == "auto" else device
+        require_cpu(device)
     dev = resolve_device(device)
-    if kind == "checkpoint":
-        return TorchBackend.from_checkpoint(path, dev, compile=compile, threads=threads)
-    if kind == "onnx":
-        return OnnxRuntimeBackend(path, dev, threads=threads, cuda_graph=cuda_graph)
-    return TensorRTBackend(path, dev, meta=read_metadata(path))
+    _check_precision_early(name, want, dev)
+    if name == "torch":
+        return TorchBackend.from_checkpoint(
+            path, dev, compile=compile, threads=threads, precision=want or Precision.FP32
+        )
+    if name == "openvino":
+        if cuda_graph:
+            raise InvalidArgumentError("--cuda-graph needs a CUDA device; the openvino runtime is CPU only")
+        return OpenVINOBackend(path, dev, precision=want or Precision.FP32, threads=threads)
+    if name == "onnxruntime":
+        backend: Backend = OnnxRuntimeBackend(path, dev, threads=threads, cuda_graph=cuda_graph)
+        try:
+            _check_file_precision(path, name, backend.precision, want)
+        except InvalidArgumentError:
+            backend.close()
+            raise
+        return backend
+    meta = read_metadata(path)
+    _check_file_precision(path, name, artifact_precision(meta), want)
+    return TensorRTBackend(path, dev, meta=meta)

@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 
 from ddpm.devices import same_device
-from ddpm.errors import DDPMError, InvalidArgumentError
+from ddpm.errors import ArtifactError, DDPMError, InvalidArgumentError
 
-__all__ = ["Backend", "BackendClosedError", "check_call"]
+__all__ = ["Backend", "BackendClosedError", "check_call", "check_output"]
 
 
 class BackendClosedError(DDPMError, RuntimeError):
@@ -48,6 +48,24 @@ def check_call(x: torch.Tensor, t: torch.Tensor, sample_shape: Sequence[int], de
         )
 
 
+def check_output(out: object, x: torch.Tensor, device: torch.device, *, source: str) -> None:
+    """The model output must be a float32 tensor shaped like x on the backend's device; ArtifactError naming
+    ``source`` (the file) otherwise."""
+    if not isinstance(out, torch.Tensor):
+        raise ArtifactError(f"{source}: the model returned {type(out).__name__}, expected a tensor like x")
+    if tuple(out.shape) != tuple(x.shape):
+        raise ArtifactError(
+            f"{source}: the model output has shape {list(out.shape)} but its input x is {list(x.shape)}; "
+            "a denoiser returns one value per input value (the graph does not match its metadata)"
+        )
+    if out.dtype != torch.float32:
+        raise ArtifactError(
+            f"{source}: the model output is {out.dtype}, expected float32 (re-export the model)"
+        )
+    if not same_device(out.device, device):
+        raise ArtifactError(f"{source}: the model output is on {out.device}, expected the backend's {device}")
+
+
 class Backend(ABC):
     """The denoiser behind one call, ``backend(x, t) -> model_output``, whatever runtime evaluates it.
 
@@ -64,6 +82,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capturable: ClassVar[bool]
+    # The runtime's own exception types for "this graph cannot run" (onnxruntime's Fail / InvalidArgument /
+    # RuntimeException, ...): on the first call they become one ArtifactError naming the file.
+    runtime_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def __init__(
         self, meta: dict[str, Any], device: torch.device, *, description: str, stream: Any = None
@@ -74,6 +95,7 @@ class Backend(ABC):
         self.description = description
         self.stream = stream
         self.closed = False
+        self._output_checked = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Model output for x [N, *sample_shape] float32 and t [N] int64 (original timesteps), shaped like x.
@@ -84,7 +106,21 @@ class Backend(ABC):
                 f"the {self.name} backend was closed; open the artifact again to call it"
             )
         check_call(x, t, self.sample_shape, self.device)
-        return self._infer(x, t)
+        if self._output_checked:
+            return self._infer(x, t)
+        # The first call is where a model whose graph disagrees with its metadata shows itself: check what
+        # it returns once (the loop would otherwise fail deep inside the step kernel, or silently broadcast).
+        try:
+            out = self._infer(x, t)
+        except self.runtime_errors as e:
+            text = " ".join(str(e).split())[:200]
+            raise ArtifactError(f"{self._source()}: the model failed on its first call ({text})") from None
+        check_output(out, x, self.device, source=self._source())
+        self._output_checked = True
+        return out
+
+    def _source(self) -> str:
+        return str(getattr(self, "source", None) or getattr(self, "path", None) or f"the {self.name} model")
 
     @abstractmethod
     def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from ddpm.devices import default_cpu_threads
 from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 from ddpm.metadata import decode_metadata
+from ddpm.precision import artifact_precision
 
 from .base import Backend
 
@@ -110,6 +111,8 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     capturable = False  # onnxruntime records its own CUDA graph (cuda_graph=True); torch cannot capture a run
+    # onnxruntime raises plain RuntimeError subclasses (Fail, InvalidArgument, RuntimeException) from a run
+    runtime_errors = (RuntimeError,)
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(
             meta, device, description=f"onnxruntime {ort.__version__} ({provider}{extra})", stream=stream
         )
+        self.precision = artifact_precision(meta)  # an fp16 export runs in fp16; IO stays float32
         self._find_io()
         self.run_options = ort.RunOptions()
         if cuda:

@@ -20,6 +20,7 @@ import torch
 from ddpm.artifacts import check_engine_compat, read_metadata
 from ddpm.devices import gpu_facts, import_tensorrt
 from ddpm.errors import ArtifactError, InvalidArgumentError, SamplingError
+from ddpm.precision import artifact_precision
 
 from .base import Backend
 
@@ -66,6 +67,7 @@ class TensorRTBackend(Backend):
                 )
             self.context = self.engine.create_execution_context()
         super().__init__(meta, device, description=f"tensorrt {trt.__version__} on {gpu_name}")
+        self.precision = artifact_precision(meta)  # the sidecar's; open_backend refused a mismatch already
         self._find_io()
         self.description += f" (batch {self.min_batch}..{self.max_batch})"
         self._n: int | None = None
