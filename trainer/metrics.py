@@ -15,6 +15,8 @@ import numpy as np
 
 from ddpm.errors import InvalidArgumentError
 
+from .data import swissroll
+
 __all__ = [
     "energy_distance",
     "feature_stats",
@@ -153,8 +155,6 @@ def swissroll_energy_check(samples: Any, *, n_ref: int = 2000, seed: int = 1) ->
                     data_vs_data_std: their standard deviation;
     data_vs_gauss:  held-out vs N(0, I) points, what an untrained model would score (the data is standardised).
     """
-    from .data import swissroll
-
     s = _points(samples, "samples")
     ref = swissroll(n_ref, seed=seed)
     # The floor is averaged over 4 draws: one draw's estimate scatters by ~0.0005 (2000 points), which would
