@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ddpm.models import build_model, preset_config
 from ddpm.schedule import Schedule
 from ddpm.trainer.checkpoint import save_checkpoint
-from ddpm.models import build_model, preset_config
 
 CONFIGS = {
     "mlp": lambda: preset_config("mlp", hidden=32, time_dim=16, depth=2),

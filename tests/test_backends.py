@@ -13,11 +13,11 @@ import pytest
 import torch
 from _runtime_models import shared_artifacts
 
+from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 from ddpm.runtime.backends import default_cpu_threads, open_backend, resolve_device
 from ddpm.runtime.backends.onnx_backend import OnnxRuntimeBackend
 from ddpm.runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from ddpm.runtime.backends.torch_backend import TorchBackend
-from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 
 # torch (oneDNN/MKL) and onnxruntime (MLAS) sum the same products in different orders; the measured worst relative
 # error (L2 over the batch, 5 fresh models x batch 1/5/64) was 4e-7 (MLP) and 1.2e-6 (UNet): 1e-5 leaves room for

@@ -10,9 +10,9 @@ import torch
 
 import ddpm
 from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.models import build_model, preset_config
 from ddpm.schedule import Schedule
 from ddpm.trainer.checkpoint import load_model, read_checkpoint_metadata, save_checkpoint
-from ddpm.models import build_model, preset_config
 
 
 def _meta(**kw):

@@ -24,9 +24,9 @@ FP32_TOL = 1e-4
 def _make_checkpoint(path, preset):
     import torch
 
+    from ddpm.models import build_model, preset_config
     from ddpm.schedule import Schedule
     from ddpm.trainer.checkpoint import save_checkpoint
-    from ddpm.models import build_model, preset_config
 
     model = build_model(preset_config(preset))
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))

@@ -38,7 +38,9 @@ def test_every_core_module_is_in_the_core_contract():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
     core = next(c for c in config["contracts"] if c["id"] == "core")
     on_disk = {
-        f"ddpm.{p.stem}" for p in (ROOT / "ddpm").glob("*.py") if p.stem not in ("__init__", "__main__", "cli")
+        f"ddpm.{p.stem}"
+        for p in (ROOT / "ddpm").glob("*.py")
+        if p.stem not in ("__init__", "__main__", "cli")
     }
     assert on_disk - set(core["source_modules"]) == set()
 
@@ -100,7 +102,9 @@ def _local_project_imports(path: Path, module: str, is_package: bool) -> list[st
         for node in ast.walk(fn):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
-                    target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+                    target = ".".join(
+                        base[: len(base) - node.level + 1] + ([node.module] if node.module else [])
+                    )
                 else:
                     target = node.module or ""
                 names = [f"{target}.{a.name}" for a in node.names]

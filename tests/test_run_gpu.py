@@ -16,8 +16,8 @@ import pytest
 import torch
 from _runtime_models import shared_artifacts
 
-from ddpm.runtime.backends import open_backend
 from ddpm.errors import SamplingError
+from ddpm.runtime.backends import open_backend
 from ddpm.runtime.sampling import sample
 
 GPU_VS_CPU_RTOL = 1e-2

@@ -14,8 +14,8 @@ import pytest
 import torch
 from _runtime_models import shared_artifacts
 
-from ddpm.runtime.backends import open_backend
 from ddpm.errors import InvalidArgumentError, SamplingError
+from ddpm.runtime.backends import open_backend
 from ddpm.runtime.sampling import CHECK_EVERY, SamplingPlan, run_batches, sample, sample_batch
 from ddpm.schedule import Schedule
 

@@ -11,6 +11,9 @@ import types
 import numpy as np
 import pytest
 
+from ddpm.artifacts import check_engine_compat, read_metadata, sidecar_path
+from ddpm.cli import main
+from ddpm.errors import InvalidArgumentError, MissingDependencyError
 from ddpm.export.tensorrt_build import (
     BatchProfile,
     make_sidecar,
@@ -20,9 +23,6 @@ from ddpm.export.tensorrt_build import (
     parse_profile,
     require_tensorrt,
 )
-from ddpm.artifacts import check_engine_compat, read_metadata, sidecar_path
-from ddpm.cli import main
-from ddpm.errors import InvalidArgumentError, MissingDependencyError
 from ddpm.metadata import FORMAT
 from ddpm.schedule import Schedule
 
@@ -183,9 +183,9 @@ def test_info_on_engine_and_sidecar(tmp_path, capsys):
 def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
     import torch
 
+    from ddpm.models import build_model, preset_config
     from ddpm.schedule import Schedule as S
     from ddpm.trainer.checkpoint import save_checkpoint
-    from ddpm.models import build_model, preset_config
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     ckpt = save_checkpoint(
@@ -214,8 +214,8 @@ def test_cli_trt_without_tensorrt_one_line(tmp_path, monkeypatch, capsys):
 def tiny_ckpt(tmp_path):
     import torch
 
-    from ddpm.trainer.checkpoint import save_checkpoint
     from ddpm.models import build_model, preset_config
+    from ddpm.trainer.checkpoint import save_checkpoint
 
     model = build_model(preset_config("tiny"))
     with torch.no_grad():

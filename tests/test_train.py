@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ddpm.cli import main
-from ddpm.errors import ArtifactError, InvalidArgumentError
-from ddpm.schedule import Schedule
 from ddpm.diffusion import q_sample, v_from_x0_eps
+from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.models import build_model, preset_config
+from ddpm.schedule import Schedule
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.data import load_dataset
-from ddpm.models import build_model, preset_config
 from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
 
