@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "ddpm.runtime.cli_schedule",
     "ddpm.runtime.cli_image",
     "ddpm.trainer.cli_eval",
+    "ddpm.runtime.cli_merge",
 )
 
 

@@ -126,7 +126,7 @@ def run_torchrun(
     rank, world, local = torchrun_world()
     device = str(sampling.pop("device", "auto"))
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local}"  # one GPU per rank
+        device = f"cuda:{local % torch.cuda.device_count()}"  # one GPU per rank; more ranks than GPUs share
     start, stop = Shard(rank, world).range(num_samples)
     dist.init_process_group(backend="gloo")
     try:

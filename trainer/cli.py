@@ -54,7 +54,7 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     dist_backend: Annotated[
         str | None,
-        typer.Option(help="under torchrun: nccl | gloo [nccl for cuda, gloo for cpu]; unused without it"),
+        typer.Option(help="under torchrun: nccl | gloo (default: nccl on cuda, gloo on cpu)"),
     ] = None,
 ) -> None:
     """Train a DDPM denoiser (Algorithm 1) and write OUT/model.safetensors, samples.png and loss.csv/png."""

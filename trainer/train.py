@@ -16,11 +16,9 @@ weights_only=True), config.json, samples.png (+ samples/step_*.png), loss.csv, l
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,8 @@ from ddpm.diffusion import q_sample, training_target
 from ddpm.errors import ArtifactError, InvalidArgumentError, TrainingError
 from ddpm.images import save_samples_png
 from ddpm.io import write_text_atomic
-from ddpm.models import PRESETS, build_model, count_params, preset_config
+from ddpm.models import build_model, count_params, preset_config
 from ddpm.schedule import Prediction, Schedule
-from ddpm.validate import MAX_IMAGE_SIZE, MAX_TIMESTEPS
 
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -47,148 +44,13 @@ from .checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from .data import Dataset, dataset_kind, load_dataset
+from .config import DATASET_DEFAULTS, TrainConfig, jsonable_config
+from .data import Dataset, load_dataset
 from .distributed import DistContext, process_group
 from .preview import plot_loss, reference_sample, write_loss_csv
 from .progress import TrainProgress
 
 __all__ = ["TrainConfig", "DATASET_DEFAULTS", "train", "STATE_NAME"]
-
-
-# Per dataset kind: the preset and optimisation settings used when an option is left at None. swissroll and
-# digits are sized to train in minutes on a 2-core CPU (see tests/test_train_quality.py).
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "swissroll": {"model": "mlp", "iters": 4000, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.995},
-    "digits": {"model": "tiny", "iters": 1500, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.995},
-    "mnist": {"model": "mnist", "iters": 30000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
-    "cifar10": {"model": "cifar10", "iters": 800000, "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
-    "folder": {"model": "cifar10", "iters": 100000, "batch_size": 64, "lr": 2e-4, "ema_decay": 0.9999},
-}
-_FLIP_DEFAULT = {"cifar10": True, "folder": True}
-_MAX_ITERS = 10**9  # CIFAR-10's 800k steps is the longest default
-_MAX_BATCH = 1 << 16  # batch size and preview samples
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (None = the dataset's default, see DATASET_DEFAULTS)."""
-
-    data: str  # dataset spec: swissroll | digits | mnist:DIR | cifar10:DIR | folder:DIR
-    out: str | Path  # run directory; the checkpoint is out/model.safetensors
-    model: str | None = None  # preset: tiny | mnist | cifar10 | mlp
-    iters: int | None = None  # total optimisation steps (a resumed run continues up to this step)
-    batch_size: int | None = None
-    lr: float | None = None  # AdamW peak learning rate, reached after `warmup` steps, then constant
-    warmup: int = 200  # linear LR warmup steps (Ho et al. use 5000 for CIFAR-10)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (the paper's Adam had none)
-    grad_clip: float = 1.0  # clip the global gradient norm (as in the paper)
-    ema_decay: float | None = None  # EMA of the weights (0.9999 in the paper); ramped up early in training
-    image_size: int | None = None  # resize images (centre-crop for folder:DIR)
-    timesteps: int = 1000  # T of the training schedule
-    schedule: str = "linear"  # linear | cosine
-    prediction: str = "eps"  # eps | x0 | v: the regression target
-    dropout: float | None = None  # override the preset's dropout
-    flip: bool | None = None  # random horizontal flips (default: on for cifar10/folder)
-    save_every: int = 0  # also save every N steps (0: only at the end)
-    sample_steps: int = 50  # respaced DDPM steps for the preview grid
-    num_samples: int | None = None  # preview samples: None = 64 images in the grid, or 1000 points
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    # torch CPU threads while training (None: leave torch's setting). Small models on a busy 2-core machine
-    # train several times faster on 1 thread than on 2 (the OpenMP pool spins against other processes).
-    threads: int | None = None
-    resume: bool = False  # continue from out/train_state.pt
-    overwrite: bool = False  # replace the outputs of an existing run in `out` (refused without it or resume)
-    progress: bool = True  # rich progress bar on stderr
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every None replaced by the dataset default, validated."""
-        kind = dataset_kind(self.data)
-        d = DATASET_DEFAULTS[kind]
-        cfg = dataclasses.replace(self, out=Path(self.out))
-        for key in ("model", "iters", "batch_size", "lr", "ema_decay"):
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, d[key])
-        if cfg.flip is None:
-            cfg.flip = _FLIP_DEFAULT.get(kind, False)
-        _validate(cfg)
-        return cfg
-
-    def trajectory(self) -> dict[str, Any]:
-        """The settings that determine the loss trajectory; a resumed run must match them."""
-        skip = {
-            "out",
-            "iters",
-            "save_every",
-            "sample_steps",
-            "num_samples",
-            "device",
-            "threads",
-            "resume",
-            "overwrite",
-            "progress",
-        }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-
-def _validate(c: TrainConfig) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise InvalidArgumentError(msg)
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    # The schedule's length first: later checks (--sample-steps) are phrased against it.
-    need(
-        is_int(c.timesteps) and 1 <= c.timesteps <= MAX_TIMESTEPS,
-        f"--timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {c.timesteps!r}",
-    )
-    need(
-        c.image_size is None or (is_int(c.image_size) and 1 <= c.image_size <= MAX_IMAGE_SIZE),
-        f"--image-size must be a positive integer <= {MAX_IMAGE_SIZE}, got {c.image_size!r}",
-    )
-    # Upper bounds: far beyond any real run, they stop a typo from training forever or allocating terabytes.
-    need(is_int(c.iters) and 1 <= c.iters <= _MAX_ITERS, f"--iters must be an integer >= 1, got {c.iters!r}")
-    need(
-        is_int(c.batch_size) and 1 <= c.batch_size <= _MAX_BATCH,
-        f"--batch-size must be an integer >= 1 and <= {_MAX_BATCH}, got {c.batch_size!r}",
-    )
-    # 1e30: far beyond any real run, and below where AdamW's float32 step overflows before it starts
-    need(math.isfinite(c.lr) and 0 < c.lr <= 1e30, f"--lr must be a positive number <= 1e30, got {c.lr!r}")
-    need(
-        is_int(c.warmup) and 0 <= c.warmup <= _MAX_ITERS,
-        f"--warmup must be an integer >= 0, got {c.warmup!r}",
-    )
-    need(
-        math.isfinite(c.weight_decay) and 0 <= c.weight_decay <= 1e30,
-        f"--weight-decay must be >= 0 and <= 1e30, got {c.weight_decay!r}",
-    )
-    need(math.isfinite(c.grad_clip) and c.grad_clip > 0, f"--grad-clip must be > 0, got {c.grad_clip!r}")
-    need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {c.ema_decay!r}")
-    need(
-        is_int(c.save_every) and 0 <= c.save_every <= _MAX_ITERS,
-        f"--save-every must be an integer >= 0, got {c.save_every!r}",
-    )
-    need(
-        is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}"
-    )
-    need(
-        c.num_samples is None or (is_int(c.num_samples) and 1 <= c.num_samples <= _MAX_BATCH),
-        f"--num-samples must be >= 1 and <= {_MAX_BATCH}, got {c.num_samples!r}",
-    )
-    need(c.sample_steps <= c.timesteps, f"--sample-steps {c.sample_steps} exceeds --timesteps {c.timesteps}")
-    need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in 0..2^63-1, got {c.seed!r}")
-    need(c.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {c.device!r}")
-    need(c.model in PRESETS, f"unknown model preset {c.model!r}; allowed: {', '.join(PRESETS)}")
-    need(not (c.resume and c.overwrite), "--resume continues a run and --overwrite replaces it; give one")
-    need(
-        c.threads is None or (is_int(c.threads) and 1 <= c.threads <= 1024),
-        f"--threads must be >= 1 and <= 1024, got {c.threads!r}",
-    )
-    Prediction.parse(c.prediction)
-    if c.schedule not in ("linear", "cosine"):
-        raise InvalidArgumentError(f"unknown schedule kind {c.schedule!r}; allowed: linear, cosine")
 
 
 def step_seed(seed: int, k: int, stream: int = 0) -> int:
@@ -258,6 +120,8 @@ def train(
     """Train a denoiser; returns the checkpoint path (``cfg.out / "model.safetensors"``).
 
     ``on_step(k, loss)`` is called after each optimisation step (tests use it to interrupt a run).
+    Under torchrun the run is data parallel (trainer/distributed.py): ``cfg.batch_size`` stays the global batch
+    and rank 0 writes every file; ``dist_backend`` (nccl | gloo) overrides the device's default.
     """
     cfg = cfg.resolved()
     threads = torch.get_num_threads()
@@ -284,7 +148,6 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = dist.wrap(model, device)  # DDP under torchrun: gradients averaged over the ranks
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
     start = 0
@@ -304,6 +167,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         check_optimizer_state(opt, out / STATE_NAME)
         start, losses = int(state["step"]), [float(v) for v in state["losses"].tolist()]
 
+    # DDP under torchrun: it broadcasts rank 0's (resumed) weights, then averages gradients over the ranks
+    net = dist.wrap(model, device)
     meta = {
         "schedule": schedule.config,
         "prediction": str(Prediction.parse(cfg.prediction)),
@@ -335,7 +200,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         # The folder appears with the first good save: a run that fails before it leaves nothing behind.
         out.mkdir(parents=True, exist_ok=True)
         facts = dist.facts(cfg.batch_size)  # world_size and per-rank batch, beside the options
-        write_text_atomic(out / "config.json", json.dumps({**_jsonable(cfg), **facts}, indent=2) + "\n")
+        write_text_atomic(out / "config.json", json.dumps({**jsonable_config(cfg), **facts}, indent=2) + "\n")
         save_checkpoint(out / CHECKPOINT_NAME, ema, {**meta, "step": k})
         _write_previews(out, x, cfg, k)
         write_loss_csv(out / "loss.csv", losses)
@@ -419,7 +284,3 @@ def _write_previews(out: Path, x: torch.Tensor, cfg: TrainConfig, k: int) -> Non
     title = f"{cfg.data} step {k} ({cfg.sample_steps} DDPM steps)"
     save_samples_png(x, out / "samples" / f"step_{k:07d}.png", title=title)
     save_samples_png(x, out / "samples.png", title=title)
-
-
-def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
