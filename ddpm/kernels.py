@@ -36,12 +36,14 @@ from .diffusion import check_clip
 from .errors import InvalidArgumentError
 from .schedule import Prediction, Sampler, Schedule, Variance
 from .step_tables import (
+    _F32,
     DeviceStepTable,
     HostStepTable,
     check_step_tensors,
     host_table,
     launch,
     launch_checked,
+    same_cpu_layout,
     table32,
 )
 
@@ -69,16 +71,22 @@ class KernelTable:
         table32: [steps, 6] float32 (a, b, c, p, q, sigma), read-only.
         rows: the same rows as tuples of Python floats (by-value calls: CUDA, the torch path).
         host: ``ddpm._C.StepTable`` over table32, or None without the CPU module.
+        cpu_step: that module's ``fused_step`` (held here so the public call's fast path looks nothing up).
     """
 
     table32: np.ndarray
     rows: tuple[tuple[float, ...], ...]
     host: Any
+    cpu_step: Any = None
 
 
 # (id(schedule), prediction, sampler, variance, eta) -> KernelTable, keyed on the arguments as given so that a hit
 # costs one dict lookup. A finalizer drops a schedule's entries when it dies, before its id can be reused.
 _TABLES: dict[tuple, KernelTable] = {}
+
+
+# The last lookup's arguments and result; the schedule by weak reference, so that memo keeps nothing alive.
+_LAST: list[Any] = [lambda: None, None, None, None, None, None]
 
 
 def _forget(schedule_id: int) -> None:
@@ -107,6 +115,7 @@ def kernel_table(
         t32,
         tuple(tuple(float(v) for v in row) for row in t32),
         None if ext is None else host_table(ext, t32),
+        None if ext is None else ext.fused_step,
     )
     if key is not None:
         if not any(k[0] == key[0] for k in _TABLES):
@@ -173,11 +182,57 @@ def fused_step(
     Returns:
         x_{i-1}, float32, like x.
     """
-    try:
-        table = _TABLES[id(schedule), prediction, sampler, variance, eta]
-    except (KeyError, TypeError):
-        table = kernel_table(schedule, prediction, sampler, variance, eta)
-    c = _INF if clip is None else check_clip(clip)
+    last = _LAST
+    if (
+        schedule is last[0]()
+        and prediction is last[1]
+        and sampler is last[2]
+        and variance is last[3]
+        and eta is last[4]
+    ):  # a loop calls with the same objects every step: skip hashing the key
+        table = last[5]
+    else:
+        try:
+            table = _TABLES[id(schedule), prediction, sampler, variance, eta]
+        except (KeyError, TypeError):
+            table = kernel_table(schedule, prediction, sampler, variance, eta)
+        _LAST[:] = (weakref.ref(schedule), prediction, sampler, variance, eta, table)
+    c = _INF if clip is None else clip if type(clip) is float and 0.0 < clip < _INF else check_clip(clip)
+    # The CPU fast path, inlined: at 1x1x28x28 the kernel takes ~1 us and every Python call or torch attribute
+    # (40-130 ns each) shows in the total. These are the checks memory safety needs (float32, CPU, contiguous,
+    # same shape); anything unusual takes the path below, whose checks name the offending tensor.
+    m = model_output
+    step_fn = table.cpu_step
+    if step_fn is not None and out is not None:
+        try:
+            shape = x.shape
+            ok = (
+                shape
+                and x.dtype is _F32
+                and m.dtype is _F32
+                and x.is_cpu
+                and m.is_cpu
+                and x.is_contiguous()
+                and m.is_contiguous()
+                and m.shape == shape
+                and (out is x or same_cpu_layout(out, shape))
+                and (history is None or same_cpu_layout(history, shape))
+            )
+        except AttributeError:
+            ok = False
+        if ok:
+            numel = x.numel()
+            if numel:
+                xp = x.data_ptr()
+                n = shape[0]
+                try:
+                    step_fn(
+                        xp, m.data_ptr(), xp if out is x else out.data_ptr(), n, numel // n, table.host, c, seed,
+                        i, sample_offset, 0 if history is None else history.data_ptr(),
+                    )  # fmt: skip
+                except ValueError as e:  # the binding's own checks (seed, step, offset, overlap), by name
+                    raise InvalidArgumentError(f"fused_step: {e}") from None
+            return out
     if out is None:
         if not isinstance(x, torch.Tensor):
             raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -103,8 +103,8 @@ def launch(
             and x.is_contiguous()
             and m.is_contiguous()
             and m.shape == shape
-            and (out is x or out is m or _same_cpu_layout(out, shape))
-            and (history is None or _same_cpu_layout(history, shape))
+            and (out is x or out is m or same_cpu_layout(out, shape))
+            and (history is None or same_cpu_layout(history, shape))
         )
     except AttributeError:
         ok = False
@@ -122,7 +122,7 @@ def launch(
     return out
 
 
-def _same_cpu_layout(t: torch.Tensor, shape: torch.Size) -> bool:
+def same_cpu_layout(t: torch.Tensor, shape: torch.Size) -> bool:
     return t.dtype is _F32 and t.is_cpu and t.is_contiguous() and t.shape == shape
 
 
