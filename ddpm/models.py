@@ -349,6 +349,11 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
         check_model_config(cfg)
     else:
         cfg = {**_UNET_DEFAULTS, **config}
+        size = config.get("image_size")
+        if "attention_resolutions" not in config and type(size) is int and size > 0:
+            cfg["attention_resolutions"] = [
+                max(size // 2, 1)
+            ]  # as preset_config: the first downsampled level
         cfg.setdefault("out_channels", cfg.get("in_channels"))
         unknown = set(cfg) - set(_UNET_DEFAULTS) - {"arch", "in_channels", "image_size", "out_channels"}
         check_model_config(cfg)
