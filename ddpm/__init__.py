@@ -16,6 +16,7 @@ _LAZY = {
     "Prediction": "ddpm.schedule",
     "Sampler": "ddpm.schedule",
     "Variance": "ddpm.schedule",
+    "Spacing": "ddpm.schedule",
     "coefficient_table": "ddpm.schedule",
     "step": "ddpm.diffusion",
     "q_sample": "ddpm.diffusion",

@@ -25,12 +25,13 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 from .solvers import dpmpp_2m
-from .spacing import Spacing, kept_timesteps
+from .spacing import kept_timesteps
 
 __all__ = [
     "Prediction",
     "Sampler",
     "Variance",
+    "Spacing",
     "Schedule",
     "coefficient_table",
     "COEF_A",
@@ -100,6 +101,15 @@ class Sampler(_Choice):
         trailing for the multistep solvers, whose extrapolation blurs across uniform spacing's last huge
         lambda step onto t = 0 (ddpm/spacing.py has the measurement)."""
         return Spacing.TRAILING if self.multistep else Spacing.UNIFORM
+
+
+class Spacing(_Choice):
+    """Which timesteps ``Schedule.respace`` keeps (ddpm/spacing.py): uniform (improved-diffusion's), trailing,
+    logsnr."""
+
+    UNIFORM = "uniform"
+    TRAILING = "trailing"
+    LOGSNR = "logsnr"
 
 
 class Variance(_Choice):

@@ -15,39 +15,20 @@ distance 0.0053 at 20 uniform steps, -0.0008 (the data floor) at 20 logsnr steps
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 
-from .errors import InvalidArgumentError
-
-__all__ = ["Spacing", "kept_timesteps"]
+__all__ = ["kept_timesteps"]
 
 
-class Spacing(str, enum.Enum):
-    UNIFORM = "uniform"
-    TRAILING = "trailing"
-    LOGSNR = "logsnr"
-
-    @classmethod
-    def parse(cls, value: object) -> Spacing:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise InvalidArgumentError(f"unknown spacing {value!r}; allowed: {allowed}") from None
-
-
-def kept_timesteps(alphas_cumprod: np.ndarray, steps: int, spacing: Spacing) -> np.ndarray:
-    """Indices (ascending, distinct, always including the last one) of the ``steps`` entries to keep."""
+def kept_timesteps(alphas_cumprod: np.ndarray, steps: int, spacing: str) -> np.ndarray:
+    """Indices (ascending, distinct, always including the last one) of the ``steps`` entries to keep;
+    ``spacing`` is uniform | trailing | logsnr (``ddpm.schedule.Spacing``, a str enum)."""
     n = len(alphas_cumprod)
     if steps == 1:
         return np.array([n - 1])
-    if spacing is Spacing.UNIFORM:
+    if spacing == "uniform":
         return np.round(np.arange(steps, dtype=np.float64) * (n - 1) / (steps - 1)).astype(np.int64)
-    if spacing is Spacing.TRAILING:
+    if spacing == "trailing":
         return np.round(np.linspace(n - 1, 0, steps + 1)[:steps][::-1]).astype(np.int64)
     ab = np.asarray(alphas_cumprod, dtype=np.float64)
     lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # decreasing in t

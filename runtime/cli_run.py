@@ -160,6 +160,24 @@ def run_command(
         raise InvalidArgumentError(f"--threads must be an integer >= 1 and <= 1024, got {threads}")
     if batch < 1:
         raise InvalidArgumentError(f"--batch must be >= 1, got {batch}")
+    # the sampling options, passed as they are to the split (--shard / torchrun) or the single-process run
+    sampling = dict(
+        steps=steps,
+        batch=batch,
+        seed=seed,
+        sampler=sampler,
+        eta=eta,
+        variance=variance,
+        clip=clip,
+        kernel=kernel,
+        device=device,
+        compile=compile,
+        cuda_graph=cuda_graph,
+        threads=threads,
+        runtime=runtime,
+        precision=precision,
+        spacing=spacing,
+    )
     if shard is not None or os.environ.get("WORLD_SIZE", "1") != "1":  # one shard, or torchrun's ranks
         if recorder is not None:
             raise InvalidArgumentError(
@@ -174,21 +192,7 @@ def run_command(
             npz=npz,
             out=out,
             echo=typer.echo,
-            steps=steps,
-            batch=batch,
-            seed=seed,
-            sampler=sampler,
-            eta=eta,
-            variance=variance,
-            clip=clip,
-            kernel=kernel,
-            device=device,
-            compile=compile,
-            cuda_graph=cuda_graph,
-            threads=threads,
-            runtime=runtime,
-            precision=precision,
-            spacing=spacing,
+            **sampling,
         )
         return
     bar = _Progress(progress)
@@ -213,21 +217,7 @@ def run_command(
             result = sample_run(
                 engine,
                 num_samples,
-                steps=steps,
-                batch=batch,
-                seed=seed,
-                sampler=sampler,
-                eta=eta,
-                variance=variance,
-                clip=clip,
-                kernel=kernel,
-                device=device,
-                compile=compile,
-                cuda_graph=cuda_graph,
-                threads=threads,
-                runtime=runtime,
-                precision=precision,
-                spacing=spacing,
+                **sampling,
                 on_start=on_start,
                 on_step=bar.advance,
                 model_hook=None if recorder is None else recorder.hook,

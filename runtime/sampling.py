@@ -26,8 +26,7 @@ from ddpm.errors import InvalidArgumentError
 from ddpm.loop import CHECK_EVERY, KERNELS, FiniteWatch, ReversePlan, StepExecutor, run_reverse
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
-from ddpm.schedule import Sampler, Variance
-from ddpm.spacing import Spacing
+from ddpm.schedule import Sampler, Spacing, Variance
 from ddpm.validate import MAX_BATCH_ELEMENTS, MAX_NUM_SAMPLES
 
 from .backends import open_backend
