@@ -8,6 +8,7 @@ once. torch and tensorrt are imported inside the functions: ``ddpm --help`` must
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -27,11 +28,17 @@ __all__ = [
     "import_tensorrt",
 ]
 
-# The one install hint for TensorRT. It names the extra in both shell quotings because both are pinned by the
-# error-message tests of the runtime (single) and the exporter (double).
+# The one install hint for TensorRT. It names the package itself, which installs the same way from a source
+# checkout and from a wheel ("ddpm[trt]" resolves only where ddpm comes from an index); a checkout can also use
+# its own extra. The checkout is recognised by its pyproject.toml beside the package (editable installs).
+_CHECKOUT = Path(__file__).resolve().parents[1]
 TENSORRT_INSTALL_HINT = (
-    'install it with pip install "ddpm[trt]" on a machine with an NVIDIA GPU and driver '
-    "(pip install 'ddpm[trt]')"
+    'install it on a machine with an NVIDIA GPU and driver: pip install "tensorrt>=10" '
+    + (
+        f'(or, in this source checkout {_CHECKOUT}: pip install -e ".[trt]")'
+        if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "csrc").is_dir()
+        else "(what the ddpm[trt] extra installs)"
+    )
 )
 # TensorRT 10 is the first with named IO tensors everywhere (set_tensor_address + execute_async_v3), the only
 # API the backend and the builder use (docs/design.md, "Environment facts").

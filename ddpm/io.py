@@ -87,13 +87,14 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
     remove_stale_temps(final.parent or ".")
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
-    # mkstemp creates 0600 files; give the output the permissions a plain open() would (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and some writers (safetensors) recreate the file: set the permissions a
+        # plain open() would give (0666 & ~umask) once the content is there, just before the rename.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,8 @@ sidecar JSON): structured values are JSON-encoded. In memory it is a plain dict 
     dataset       str
     step          int, training step of the weights
     ema_decay     float | None
+    sampling      optional {"sampler", "steps", "clip"}: what the trainer's previews used; ``ddpm run``'s
+                  default when no --sampler/--steps/--clip is given (:func:`recommended_sampling`)
 plus any extra keys (exporter versions, weight hash, TensorRT facts), kept as given.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from .errors import ArtifactError, DDPMError, InvalidArgumentError
 from .models import normalize_config
-from .schedule import Prediction, Schedule
+from .schedule import Prediction, Sampler, Schedule
 from .validate import (
     MAX_JSON_BYTES,
     MAX_KEYS,
@@ -47,11 +49,12 @@ __all__ = [
     "decode_metadata",
     "validate_metadata",
     "schedule_from_meta",
+    "recommended_sampling",
 ]
 
 FORMAT = "ddpm/1"
 REQUIRED_KEYS = ("format", "model", "schedule", "prediction", "sample_shape", "dataset", "step")
-_JSON_KEYS = {"model", "schedule", "sample_shape", "step", "ema_decay"}
+_JSON_KEYS = {"model", "schedule", "sample_shape", "step", "ema_decay", "sampling"}
 
 _STEPS = Int(1, MAX_TIMESTEPS)
 _SCHEDULES = {
@@ -83,7 +86,12 @@ _META = Record(
         "dataset": Str(max_len=4096),
         "step": Int(0, 2**62),
     },
-    {"ema_decay": Optional(Float(0, 1))},
+    {
+        "ema_decay": Optional(Float(0, 1)),
+        "sampling": Record(
+            {"sampler": Str(max_len=64), "steps": _STEPS}, {"clip": Optional(Float(0, 1e30, True, True))}
+        ),
+    },
     extra=True,
 )
 
@@ -161,6 +169,8 @@ def validate_metadata(meta: dict[str, Any], *, source: str) -> None:
     try:
         Prediction.parse(meta["prediction"])
         schedule_from_meta(meta)
+        if "sampling" in meta:
+            Sampler.parse(meta["sampling"]["sampler"])
     except DDPMError as e:
         raise ArtifactError(f"{source}: inconsistent metadata: {e}") from None
     # The network's own config must describe the same sample shape.
@@ -177,3 +187,14 @@ def validate_metadata(meta: dict[str, Any], *, source: str) -> None:
 def schedule_from_meta(meta: dict[str, Any]) -> Schedule:
     """The training schedule stored in metadata."""
     return Schedule.from_config(meta["schedule"])
+
+
+def recommended_sampling(meta: dict[str, Any]) -> dict[str, Any]:
+    """The sampler, steps and clip the artifact's trainer previewed with (``{}`` for artifacts from before the
+    key existed). Steps are capped by the schedule's length, as a later respacing could shorten it."""
+    rec = meta.get("sampling")
+    if not isinstance(rec, dict):
+        return {}
+    out = {"sampler": rec["sampler"], "steps": min(int(rec["steps"]), len(schedule_from_meta(meta)))}
+    out["clip"] = rec.get("clip")
+    return out

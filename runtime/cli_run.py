@@ -122,7 +122,7 @@ def run_command(
     num_samples: int,
     batch: int,
     seed: int,
-    sampler: str,
+    sampler: str | None,
     eta: float,
     variance: str,
     clip: float | None,
@@ -144,6 +144,7 @@ def run_command(
     """The body of ``ddpm run``: check the outputs, call :func:`sample_run`, write what it returns."""
     # torch (and numpy) load here, not at module import: `ddpm --help` stays fast
     from ddpm.images import save_samples_png
+    from ddpm.metadata import recommended_sampling
     from ddpm.validate import MAX_NUM_SAMPLES
 
     from .sample_sink import SampleSink
@@ -177,7 +178,9 @@ def run_command(
         runtime=runtime,
         precision=precision,
         spacing=spacing,
+        recommended=True,
     )
+    given = {"sampler": sampler, "steps": steps, "clip": clip}
     if shard is not None or os.environ.get("WORLD_SIZE", "1") != "1":  # one shard, or torchrun's ranks
         if recorder is not None:
             raise InvalidArgumentError(
@@ -206,6 +209,15 @@ def run_command(
             f"{meta['schedule'].get('timesteps', '?')} steps "
             f"({plan.schedule.config.get('spacing', 'uniform')} spacing), prediction {plan.prediction}"
         )
+        taken = {k: v for k, v in recommended_sampling(meta).items() if given[k] is None}
+        if taken:
+            shown = " ".join(
+                f"--{k} {'inf' if v is None else f'{v:g}' if isinstance(v, float) else v}"
+                for k, v in taken.items()
+            )
+            typer.echo(
+                f"defaults from the model (what its training previews used): {shown}; pass them to override"
+            )
         sink.open(tuple(plan.sample_shape), str(getattr(backend, "precision", "fp32")))
         bar.start(-(-num_samples // batch) * plan.steps)
 
@@ -245,22 +257,28 @@ def register(app: typer.Typer) -> None:
         engine: Annotated[
             Path, typer.Option(help="unet.onnx, unet.trt (+ .json sidecar) or a .safetensors checkpoint")
         ],
-        steps: Annotated[int | None, typer.Option(help="sampling steps N <= T (respaced); default T")] = None,
+        steps: Annotated[
+            int | None,
+            typer.Option(
+                help="sampling steps N <= T (respaced); default: the model's recommendation, else T"
+            ),
+        ] = None,
         num_samples: Annotated[int, typer.Option(help="how many samples M")] = 64,
         batch: Annotated[int, typer.Option(help="samples per batch B (ceil(M/B) batches)")] = 64,
         seed: Annotated[
             int, typer.Option(help="Philox seed: sample k is the same for any --batch/backend")
         ] = 0,
         sampler: Annotated[
-            str,
+            str | None,
             typer.Option(
                 help="ddpm | ddim | dpm++2m | dpm++2m-sde. Measured (benchmarks/solver_cpu.md): dpm++2m at "
                 "--steps 20 matches 1000-step ddpm (digits classifier confidence 0.889 vs 0.889; swiss roll at "
                 "the data floor) with 50x fewer network calls; at 10 steps quality starts to drop (swiss-roll energy distance "
                 "0.0025 vs the floor's -0.001). ddpm at 1000 steps is the reference; dpm++2m-sde (20+ steps) when "
-                "stochastic sampling is wanted."
+                "stochastic sampling is wanted. Default: the model's recommendation (what its training "
+                "previews used, in its metadata), else ddpm."
             ),
-        ] = "ddpm",
+        ] = None,
         spacing: Annotated[
             str | None,
             typer.Option(
@@ -273,7 +291,11 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="DDPM variance: fixed_small | fixed_large")
         ] = "fixed_small",
         clip: Annotated[
-            float | None, typer.Option(help="clip predicted x0 to [-C, C] (default: no clipping)")
+            float | None,
+            typer.Option(
+                help="clip predicted x0 to [-C, C]; inf: no clipping (default: the model's recommendation, "
+                "1 for images trained by ddpm, else none)"
+            ),
         ] = None,
         kernel: Annotated[
             str, typer.Option(help="fused (C++/CUDA kernel) | reference (plain torch step)")

@@ -24,7 +24,7 @@ import torch
 
 from ddpm.errors import InvalidArgumentError
 from ddpm.loop import CHECK_EVERY, KERNELS, FiniteWatch, ReversePlan, StepExecutor, run_reverse
-from ddpm.metadata import schedule_from_meta
+from ddpm.metadata import recommended_sampling, schedule_from_meta
 from ddpm.noise import initial_noise
 from ddpm.schedule import Sampler, Spacing, Variance
 from ddpm.validate import MAX_BATCH_ELEMENTS, MAX_NUM_SAMPLES
@@ -247,7 +247,7 @@ def sample_run(
     steps: int | None = None,
     batch: int = 64,
     seed: int = 0,
-    sampler: Sampler | str = "ddpm",
+    sampler: Sampler | str | None = "ddpm",
     eta: float = 0.0,
     variance: Variance | str = "fixed_small",
     clip: float | None = None,
@@ -264,6 +264,7 @@ def sample_run(
     model_hook: Callable[[Any, SamplingPlan], Any] | None = None,
     on_batch: BatchCallback | None = None,
     first: int = 0,
+    recommended: bool = False,
 ) -> SampleRun:
     """:func:`sample` with the run's facts: what ``ddpm run`` calls. The artifact is opened (and its metadata
     read) once, the plan built once; ``on_start(backend, plan)`` runs before the first batch (the CLI prints
@@ -271,16 +272,23 @@ def sample_run(
     plan)`` returns what the loop calls instead of the backend (``--trajectory`` records x and m through it).
     ``on_batch(offset, x)`` receives each finished batch (CPU float32) instead of the result keeping it, so
     memory is bounded by the batch, not by ``num_samples``. ``first`` is the global index of the first sample
-    (a shard's start, runtime/shard.py): the run draws samples ``first .. first + num_samples - 1``."""
+    (a shard's start, runtime/shard.py): the run draws samples ``first .. first + num_samples - 1``.
+    ``recommended``: a ``sampler``/``steps``/``clip`` left at None takes the artifact's recommendation
+    (``ddpm.metadata.recommended_sampling``: what its training previews used), as ``ddpm run`` does."""
     num_samples = _check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
     first = _check_int("first", first, 0, MAX_NUM_SAMPLES - num_samples)
     batch = _check_int("batch", batch, 1)
     options = {"compile": compile, "threads": threads, "cuda_graph": cuda_graph}
     with _open(engine, device=device, runtime=runtime, precision=precision, **options) as backend:
+        if recommended:
+            rec = recommended_sampling(backend.meta)
+            sampler = rec.get("sampler", "ddpm") if sampler is None else sampler
+            steps = rec.get("steps") if steps is None else steps
+            clip = rec.get("clip") if clip is None else clip
         plan = SamplingPlan.create(
             backend.meta,
             steps=steps,
-            sampler=sampler,
+            sampler="ddpm" if sampler is None else sampler,
             eta=eta,
             variance=variance,
             clip=clip,

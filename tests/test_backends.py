@@ -193,6 +193,7 @@ def test_tensorrt_missing_package_has_install_hint():
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
     with pytest.raises(
-        MissingDependencyError, match=r"needs the tensorrt package.*pip install 'ddpm\[trt\]'"
+        MissingDependencyError,
+        match=r'needs the tensorrt package.*pip install "tensorrt>=10" \(or, in this source checkout .*: pip install -e "\.\[trt\]"\)',
     ):
         import_tensorrt()

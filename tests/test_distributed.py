@@ -43,6 +43,8 @@ TRAIN = [
     "4",
     "--threads",
     "1",
+    "--warmup",  # given: the default warm-up depends on --iters, and a long run stands in for a short one
+    "5",
 ]
 RUN = ["--num-samples", "10", "--steps", "20", "--threads", "1", "--no-progress"]
 
@@ -193,9 +195,9 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 
 
 def _kill_rank_after_first_save(run: Path) -> subprocess.CompletedProcess:
-    # --iters does not change the trajectory (the LR does not depend on it), so a long run stands in for one
+    # --iters does not change the trajectory (the LR does not depend on it with a given --warmup), so a long run stands in for one
     # that is interrupted: rank 1 dies as soon as the first save (step 5) is on disk.
-    args = ["train", *TRAIN, "--out", str(run), "--iters", "1000", "--save-every", "5", "--quiet"]
+    args = ["train", *TRAIN, "--out", str(run), "--iters", "1000", "--save-every", "5", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [*TORCHRUN, "-m", "ddpm", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -211,7 +213,14 @@ def _kill_rank_after_first_save(run: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_torchrun_training_matches_one_process(tmp_path):
-    base = {"data": "digits", "batch_size": 32, "sample_steps": 2, "num_samples": 4, "threads": 1}
+    base = {
+        "data": "digits",
+        "batch_size": 32,
+        "sample_steps": 2,
+        "num_samples": 4,
+        "threads": 1,
+        "warmup": 5,
+    }
     base["progress"] = False
     ref = tmp_path / "ref"
     train(TrainConfig(out=ref, iters=14, **base))
@@ -227,7 +236,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert saved in (5, 10)
     np.testing.assert_allclose(_losses(run), _losses(ref)[:saved], rtol=1e-5)
 
-    r = _ddpm("train", *TRAIN, "--out", str(run), "--iters", "12", "--resume", "--quiet", torchrun=True)
+    r = _ddpm("train", *TRAIN, "--out", str(run), "--iters", "12", "--resume", "--no-progress", torchrun=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("checkpoint:") == 1  # rank 0 reports, rank 1 stays quiet
     np.testing.assert_allclose(_losses(run), _losses(ref)[:12], rtol=1e-5)
@@ -241,4 +250,5 @@ def test_torchrun_training_matches_one_process(tmp_path):
     print(f"EMA weights after 14 steps (2 ranks to 12, then 1): relative difference {num / den:.2e}")
     assert num / den < 1e-4
     x, y = (ddpm.sample(p / "model.safetensors", 8, steps=10, threads=1) for p in (run, ref))
-    assert float((x - y).abs().max()) < 1e-4  # and the checkpoints sample the same images
+    # and the checkpoints sample the same images (unclipped 10-step samples reach |x| ~ 60: relative to the max)
+    assert float((x - y).abs().max() / y.abs().max()) < 1e-5

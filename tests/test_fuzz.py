@@ -176,7 +176,7 @@ def trained(work):
         "--sample-steps",
         "2",
     ]
-    assert main([str(a) for a in args] + ["--num-samples", "8", "--quiet", "--threads", "1"]) == 0
+    assert main([str(a) for a in args] + ["--num-samples", "8", "--no-progress", "--threads", "1"]) == 0
     return out
 
 
@@ -201,7 +201,7 @@ def test_fuzz_train_state(trained, work, capsys, field, value):
     torch.save(state, d / "train_state.pt")
     before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
     args = ["train", "--data", "swissroll", "--out", d, "--iters", "3", "--batch-size", "8", "--sample-steps", "2",
-            "--num-samples", "8", "--quiet", "--threads", "1", "--resume"]  # fmt: skip
+            "--num-samples", "8", "--no-progress", "--threads", "1", "--resume"]  # fmt: skip
     code, err = _cli(args, capsys)
     _check(code, err)
     if code == 2:
@@ -228,7 +228,7 @@ def _base_args(cmd: str, d: Path, ckpt: Path) -> list:
         "info": ["info", ckpt],
         "schedule": ["schedule", "--plot", d / "p.png"],
         "train": ["train", "--data", "swissroll", "--out", d / "run", "--iters", "1", "--batch-size", "8",
-                  "--sample-steps", "2", "--num-samples", "8", "--quiet", "--threads", "1"],
+                  "--sample-steps", "2", "--num-samples", "8", "--no-progress", "--threads", "1"],
         "export": ["export", "--ckpt", ckpt, "--out", d / "u.onnx"],
         "bench": ["bench", "--engine", ckpt, "--steps", "2", "--repeats", "1"],
     }[cmd]  # fmt: skip

@@ -236,7 +236,7 @@ def trained_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("hostile_train") / "run"
     args = ["train", "--data", "swissroll", "--out", str(out), "--iters", "2", "--batch-size", "8"]
-    assert main([*args, "--sample-steps", "2", "--num-samples", "8", "--quiet", "--threads", "1"]) == 0
+    assert main([*args, "--sample-steps", "2", "--num-samples", "8", "--no-progress", "--threads", "1"]) == 0
     return out
 
 
@@ -265,7 +265,7 @@ def test_resume_validates_the_state(trained_run, tmp_path, capsys, edit, match):
     state_path = out / "train_state.pt"
     torch.save(edit(torch.load(state_path, weights_only=True)), state_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    args = [*_train_args(out), "--resume", "--iters", "4", "--num-samples", "8", "--quiet", "--threads", "1"]
+    args = [*_train_args(out), "--resume", "--iters", "4", "--num-samples", "8", "--no-progress", "--threads", "1"]
     assert_one_line(*cli(args, capsys), match=match)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -279,13 +279,13 @@ def test_png_decompression_bomb_is_refused(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("1", (9000, 9000)).save(folder / "bomb.png")  # ~10 KB on disk, 81M pixels
-    args = ["train", "--data", f"folder:{folder}", "--out", tmp_path / "run", "--quiet"]
+    args = ["train", "--data", f"folder:{folder}", "--out", tmp_path / "run", "--no-progress"]
     assert_one_line(*cli(args, capsys), match="bomb.png")
     assert not (tmp_path / "run").exists()
 
 
 def test_image_size_beyond_the_cap(tmp_path, capsys):
-    args = ["train", "--data", "digits", "--image-size", "4096", "--out", tmp_path / "run", "--quiet"]
+    args = ["train", "--data", "digits", "--image-size", "4096", "--out", tmp_path / "run", "--no-progress"]
     assert_one_line(*cli(args, capsys), match="--image-size must be a positive integer <= 1024")
 
 
@@ -294,7 +294,7 @@ def test_full_disk_during_training_is_one_line(trained_run, tmp_path, capsys, mo
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10, 10, 10))
     out = tmp_path / "run"
-    args = [*_train_args(out), "--iters", "2", "--num-samples", "8", "--quiet", "--threads", "1"]
+    args = [*_train_args(out), "--iters", "2", "--num-samples", "8", "--no-progress", "--threads", "1"]
     assert_one_line(*cli(args, capsys), match="GB free")
     assert leftovers(out) == [] and not (out / "model.safetensors").exists()
 
@@ -344,7 +344,7 @@ def test_train_refuses_an_existing_run_without_resume_or_overwrite(trained_run, 
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
     before = (out / "model.safetensors").read_bytes()
-    args = [*_train_args(out), "--iters", "2", "--num-samples", "8", "--quiet", "--threads", "1"]
+    args = [*_train_args(out), "--iters", "2", "--num-samples", "8", "--no-progress", "--threads", "1"]
     assert_one_line(*cli(args, capsys), match="already holds a run")
     assert (out / "model.safetensors").read_bytes() == before
     code, err = cli([*args, "--overwrite"], capsys)
@@ -361,7 +361,7 @@ def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(
     shutil.copytree(trained_run, out)
     before = (out / "model.safetensors").read_bytes()
     args = [*_train_args(out), "--iters", "30", "--save-every", save_every, "--lr", "1e30", "--warmup", "0"]
-    code, err = cli([*args, "--overwrite", "--num-samples", "8", "--quiet", "--threads", "1"], capsys)
+    code, err = cli([*args, "--overwrite", "--num-samples", "8", "--no-progress", "--threads", "1"], capsys)
     assert_one_line(code, err, match="training diverged at step")
     assert what in err and "nothing of this run was saved" in err
     assert (out / "model.safetensors").read_bytes() == before and leftovers(out) == []
@@ -388,7 +388,7 @@ def test_sidecar_that_is_a_directory(tmp_path, capsys):
     ],
 )
 def test_train_messages_name_the_right_option(tmp_path, capsys, args, match):
-    assert_one_line(*cli(["train", "--out", tmp_path / "run", "--quiet", *args], capsys), match=match)
+    assert_one_line(*cli(["train", "--out", tmp_path / "run", "--no-progress", *args], capsys), match=match)
     assert not (tmp_path / "run").exists()
 
 

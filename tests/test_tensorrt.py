@@ -26,7 +26,7 @@ from ddpm.export.tensorrt_build import (
 from ddpm.metadata import FORMAT
 from ddpm.schedule import Schedule
 
-HINT = 'pip install "ddpm[trt]" on a machine with an NVIDIA GPU'
+HINT = 'install it on a machine with an NVIDIA GPU and driver: pip install "tensorrt>=10"'
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,7 @@ def test_cli_train_smoke(tmp_path, capsys):
         "16",
         "--sample-steps",
         "3",
-        "--quiet",
+        "--no-progress",
         "--threads",
         "1",
     ]
@@ -207,7 +207,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, match):
         a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("IMAGES", str(tmp_path / "IMAGES")) for a in args
     ]
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--quiet", "--threads", "1", *args]) == 2
+    assert main(["train", "--out", str(out), "--no-progress", "--threads", "1", *args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("ddpm: error: ") and __import__("re").search(match, err), err
@@ -217,12 +217,12 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, match):
 def test_cli_unwritable_out(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["train", "--data", "digits", "--out", str(blocker / "run"), "--quiet"]) == 2
+    assert main(["train", "--data", "digits", "--out", str(blocker / "run"), "--no-progress"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     if os.geteuid() != 0:  # root ignores permission bits
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
-        assert main(["train", "--data", "digits", "--out", str(ro / "run"), "--quiet"]) == 2
+        assert main(["train", "--data", "digits", "--out", str(ro / "run"), "--no-progress"]) == 2
         assert "is not writable" in capsys.readouterr().err
         assert list(ro.iterdir()) == []
 

@@ -6,6 +6,7 @@ Reading (``load_model``, ``read_checkpoint_metadata``) lives in the core, ``ddpm
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,15 @@ _STATE_SPEC = Record(
 )
 
 
-def load_train_state(path: Path, *, trajectory: dict[str, Any], iters: int) -> dict[str, Any]:
+def load_train_state(
+    path: Path, *, trajectory: dict[str, Any], iters: int, defaults: Collection[str] = ()
+) -> dict[str, Any]:
     """The validated resume point of a run: every field type-checked before any is used; the run's options
-    (``trajectory``) must match the saved ones and the saved step must be below ``iters``."""
+    (``trajectory``) must match the saved ones and the saved step must be below ``iters``.
+
+    ``defaults`` names the options that were not given but filled in (preset, LR, warm-up ...): those take the
+    saved run's values, returned in ``state["inherited"]``, so resuming on another device or with another
+    ``--iters`` continues the run that was saved rather than failing on a default that now differs."""
     if not path.is_file():
         raise ArtifactError(f"--resume: no training state {str(path)!r} (run without --resume to start)")
     try:
@@ -183,6 +190,9 @@ def load_train_state(path: Path, *, trajectory: dict[str, Any], iters: int) -> d
             raise SchemaError(f"state.losses holds {state['losses'].numel()} values for step {state['step']}")
     except SchemaError as e:
         raise ArtifactError(f"{path}: not a valid ddpm training state: {e}") from None
+    inherited = {k: saved[k] for k in defaults if k in saved and saved[k] != trajectory.get(k)}
+    trajectory = {**trajectory, **inherited}
+    state["inherited"] = inherited
     diff = [k for k in sorted(set(saved) | set(trajectory)) if saved.get(k) != trajectory.get(k)]
     if diff:
         k = diff[0]

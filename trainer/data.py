@@ -29,6 +29,7 @@ _IMAGE_EXT = (".png", ".jpg", ".jpeg")
 # A source image's pixels (8192^2 / 64M: far above any training image) and a dataset's uint8 bytes in memory.
 MAX_IMAGE_PIXELS = 1 << 26
 MAX_DATASET_BYTES = 8 << 30
+FOLDER_MAX_DEFAULT_SIZE = 64  # a folder of photos trains at 64x64 unless --image-size says otherwise
 
 
 @dataclass
@@ -81,7 +82,7 @@ def dataset_kind(spec: str) -> str:
 
 def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False) -> Dataset:
     """Load a dataset by spec. ``image_size`` resizes images (centre-crop for ``folder``); None keeps the
-    native size (``folder`` then uses 32)."""
+    native size (``folder``: the smallest side among its images, at most FOLDER_MAX_DEFAULT_SIZE)."""
     kind = dataset_kind(spec)
     folder = spec.split(":", 1)[1] if ":" in spec else ""
     if kind in _NEEDS_DIR and not folder:
@@ -109,7 +110,7 @@ def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False
     elif kind == "cifar10":
         data = _cifar10(Path(folder))
     else:
-        data = _folder(Path(folder), image_size or 32)
+        data = _folder(Path(folder), image_size)
     if image_size is not None and data.shape[-1] != image_size:
         _check_bytes(spec, len(data), data.shape[1] * image_size * image_size)
         data = _resize(data, image_size)
@@ -192,7 +193,7 @@ def _cifar10(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts))
 
 
-def _folder(folder: Path, size: int) -> torch.Tensor:
+def _folder(folder: Path, size: int | None) -> torch.Tensor:
     if not folder.is_dir():
         raise ArtifactError(f"folder: {str(folder)!r} does not exist (expected a folder of PNG/JPEG images)")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXT and p.is_file())
@@ -200,6 +201,8 @@ def _folder(folder: Path, size: int) -> torch.Tensor:
         raise ArtifactError(f"folder: no PNG/JPEG images (*.png, *.jpg, *.jpeg) found under {str(folder)!r}")
     from PIL import Image, UnidentifiedImageError
 
+    if size is None:  # the images' own size: one header read each, nothing decoded yet
+        size = min(FOLDER_MAX_DEFAULT_SIZE, min(min(_image_size(f)) for f in files))
     _check_bytes(f"folder:{folder}", len(files), 3 * size * size)
     out = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for k, f in enumerate(files):
@@ -220,6 +223,18 @@ def _folder(folder: Path, size: int) -> torch.Tensor:
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ArtifactError(f"{f}: cannot decode image ({e})") from None
     return torch.from_numpy(out)
+
+
+def _image_size(f: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused when decoded, below
+            with Image.open(f) as im:
+                return im.size
+    except (Image.DecompressionBombError, OSError, UnidentifiedImageError, ValueError) as e:
+        raise ArtifactError(f"{f}: cannot decode image ({e})") from None
 
 
 def _check_bytes(what: str, n: int, per_image: int) -> None:

@@ -50,13 +50,14 @@ class DistContext:
         """Rank 0 writes every file (checkpoints, samples, plots, loss CSV, config.json)."""
         return self.rank == 0
 
-    def check_batch(self, batch_size: int) -> int:
+    def check_batch(self, batch_size: int, grad_accum: int = 1) -> int:
         """The per-rank batch; the global batch must split into equal shards (else the mean of shard means
-        is not the global mean)."""
-        if batch_size % self.world_size:
+        is not the global mean), and each shard into ``grad_accum`` equal micro-batches."""
+        parts = self.world_size * grad_accum
+        if batch_size % parts:
+            over = f"{self.world_size} ranks" + (f" x {grad_accum} micro-batches" if grad_accum > 1 else "")
             raise InvalidArgumentError(
-                f"--batch-size {batch_size} does not split evenly over {self.world_size} ranks; "
-                f"use a multiple of {self.world_size}"
+                f"--batch-size {batch_size} does not split evenly over {over}; use a multiple of {parts}"
             )
         return batch_size // self.world_size
 

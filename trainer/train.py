@@ -15,9 +15,12 @@ weights_only=True), config.json, samples.png (+ samples/step_*.png), loss.csv, l
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,13 +47,15 @@ from .checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from .config import DATASET_DEFAULTS, TrainConfig, jsonable_config
+from .config import TrainConfig, jsonable_config
 from .data import Dataset, load_dataset
 from .distributed import DistContext, process_group
 from .preview import plot_loss, reference_sample, write_loss_csv
 from .progress import TrainProgress
+from .report import estimate_line, peak_memory_bytes, run_header, smaller_hint
+from .tblog import TensorBoardLog, require_tensorboard
 
-__all__ = ["TrainConfig", "DATASET_DEFAULTS", "train", "STATE_NAME"]
+__all__ = ["TrainConfig", "train", "STATE_NAME"]
 
 
 def step_seed(seed: int, k: int, stream: int = 0) -> int:
@@ -82,9 +87,14 @@ class BatchOrder:
 
 
 def _lr_at(cfg: TrainConfig, k: int) -> float:
-    # Linear warmup to the peak, then constant (Ho et al.): the LR at step k does not depend on --iters, so
-    # extending a run with --resume --iters N follows the same curve.
-    return cfg.lr * min(1.0, k / cfg.warmup) if cfg.warmup else cfg.lr
+    """Linear warm-up to the peak, then constant (Ho et al.; the LR at step k does not depend on --iters, so
+    extending a run with --resume --iters N follows the same curve) or cosine decay to 0 at step ``iters``."""
+    if cfg.warmup and k < cfg.warmup:
+        return cfg.lr * k / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.iters - cfg.warmup)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (k - cfg.warmup) / span)))
+    return cfg.lr
 
 
 @torch.no_grad()
@@ -123,7 +133,9 @@ def train(
     Under torchrun the run is data parallel (trainer/distributed.py): ``cfg.batch_size`` stays the global batch
     and rank 0 writes every file; ``dist_backend`` (nccl | gloo) overrides the device's default.
     """
-    cfg = cfg.resolved()
+    cfg = cfg.checked()  # the data-independent checks; the preset and its defaults follow the data
+    if cfg.log_dir is not None:
+        require_tensorboard()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -138,12 +150,19 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
     out = Path(cfg.out)
     check_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
     device = dist.device(resolve_device(cfg.device))
-    dist.check_batch(cfg.batch_size)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, flip=cfg.flip).to(device)
+    cfg, origin = cfg.resolved(ds.sample_shape, device.type)
+    state = None
+    if cfg.resume:  # options left out take the saved run's values (another device may pick another preset)
+        trajectory = json.loads(json.dumps(cfg.trajectory()))
+        state = load_train_state(
+            out / STATE_NAME, trajectory=trajectory, iters=cfg.iters, defaults=set(origin)
+        )
+        cfg = dataclasses.replace(cfg, **state["inherited"])
+        origin.update(dict.fromkeys(state["inherited"], "the resumed run"))
+    dist.check_batch(cfg.batch_size, cfg.grad_accum)
     schedule = Schedule.create(cfg.schedule, cfg.timesteps)
     model_cfg = _model_config(cfg, ds)
-    trajectory = json.loads(json.dumps(cfg.trajectory()))
-    state = load_train_state(out / STATE_NAME, trajectory=trajectory, iters=cfg.iters) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(model_cfg).to(device)
@@ -174,22 +193,33 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         "prediction": str(Prediction.parse(cfg.prediction)),
         "dataset": cfg.data,
         "ema_decay": cfg.ema_decay,
+        # what the previews were drawn with: `ddpm run` uses it unless told otherwise
+        "sampling": {"sampler": "ddpm", "steps": cfg.sample_steps, "clip": 1.0 if ds.is_image else None},
         **dist.facts(cfg.batch_size),
     }
     order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush, not per step)
-
+    # losses and gradient norms not yet copied to the host (one sync per flush, not per step)
+    pending: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    tb = TensorBoardLog(cfg.log_dir if dist.is_main else None)
     saved_step = [start if state is not None else None]  # the last checkpoint on disk from this run
+    last_flush = [time.monotonic()]
 
     def flush() -> None:
+        last_flush[0] = time.monotonic()
         if pending:
             values = dist.mean(torch.stack(pending)).tolist()  # the global-batch loss on every rank
+            grad_norms = torch.stack(norms).tolist()
             pending.clear()
+            norms.clear()
             bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
             if bad is not None:
                 _diverged(out, cfg, len(losses) + bad + 1, f"the loss is {values[bad]}", saved_step[0])
+            first = len(losses) + 1
             losses.extend(values)
+            lrs = [_lr_at(cfg, k) for k in range(first, first + len(values))]
+            tb.scalars(first, loss=values, lr=lrs, grad_norm=grad_norms)
 
     def save(k: int) -> None:
         flush()
@@ -203,6 +233,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         write_text_atomic(out / "config.json", json.dumps({**jsonable_config(cfg), **facts}, indent=2) + "\n")
         save_checkpoint(out / CHECKPOINT_NAME, ema, {**meta, "step": k})
         _write_previews(out, x, cfg, k)
+        tb.images(k, x)
+        tb.flush()
         write_loss_csv(out / "loss.csv", losses)
         plot_loss(out / "loss.png", losses, title=f"{cfg.data}: training loss")
         # The resume point goes last: it never refers to outputs that were not written.
@@ -219,39 +251,118 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         saved_step[0] = k
 
     model.train()
-    desc = (
-        f"{cfg.data}: preset {cfg.model}, {count_params(model) / 1e6:.2f}M params, {device.type}, "
-        f"steps {start + 1}..{cfg.iters}, batch {cfg.batch_size}, lr {cfg.lr:g}"
+    params = count_params(model)
+    desc = run_header(
+        cfg,
+        origin,
+        n_data=len(ds),
+        sample_shape=ds.sample_shape,
+        params=params,
+        device=device,
+        threads=torch.get_num_threads(),
+        start=start,
     )
-    with TrainProgress(desc, total=cfg.iters, start=start, enabled=cfg.progress and dist.is_main) as bar:
-        for k in range(start + 1, cfg.iters + 1):
-            idx = order.indices(k)
-            torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps and dropout of this step
-            x0 = ds.batch(idx)
-            t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
-            eps = torch.randn_like(x0)
-            x0, t, eps = dist.shard(x0, t, eps)  # drawn for the global batch, then this rank's rows
-            x_t = q_sample(schedule, x0, t, eps)
-            target = training_target(schedule, cfg.prediction, x0, t, eps)
-            with autocast:
-                pred = net(x_t, t)
-            loss = F.mse_loss(pred.float(), target)  # the loss in float32 even under bf16 autocast
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(cfg, k)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            _ema_update(ema, model, cfg.ema_decay, k)
-            pending.append(loss.detach())
-            if on_step is not None or len(pending) >= 25 or k == cfg.iters:
-                flush()
-                bar.update(k, losses[-1])
-            if on_step is not None:
-                on_step(k, losses[-1])
-            if k == cfg.iters or (cfg.save_every and k % cfg.save_every == 0):
-                save(k) if dist.is_main else flush()  # rank 0 writes; every rank joins the loss mean
+    timer = _Estimator(cfg, start, params, ds.sample_shape, device)
+    show = cfg.progress and dist.is_main
+    try:
+        with TrainProgress(desc, total=cfg.iters, start=start, enabled=show) as bar:
+            for k in range(start + 1, cfg.iters + 1):
+                loss, norm = _step(cfg, k, ds, order, schedule, net, opt, autocast, dist, device)
+                _ema_update(ema, model, cfg.ema_decay, k)
+                pending.append(loss)
+                norms.append(norm)
+                estimate = timer.due(k)
+                # every 25 steps, and every 2 s at least: slow steps still report
+                if (
+                    on_step is not None
+                    or len(pending) >= 25
+                    or k == cfg.iters
+                    or estimate
+                    or (time.monotonic() - last_flush[0] > 2.0)
+                ):
+                    flush()
+                    bar.update(k, losses[-1])
+                if estimate and show:
+                    for line in timer.report(k):
+                        bar.log(line)
+                if on_step is not None:
+                    on_step(k, losses[-1])
+                if k == cfg.iters or (cfg.save_every and k % cfg.save_every == 0):
+                    save(k) if dist.is_main else flush()  # rank 0 writes; every rank joins the loss mean
+    finally:
+        tb.close()
     return out / CHECKPOINT_NAME
+
+
+def _step(cfg, k, ds, order, schedule, net, opt, autocast, dist, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step k: returns the batch loss and the gradient norm before clipping (on device).
+
+    With ``grad_accum`` > 1 this rank's rows are split into micro-batches whose gradients add up to the whole
+    batch's (each loss weighted by its share of the rows), so the step is the same, with less activation
+    memory; under DDP only the last micro-batch all-reduces."""
+    idx = order.indices(k)
+    torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps and dropout of this step
+    x0 = ds.batch(idx)
+    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
+    eps = torch.randn_like(x0)
+    x0, t, eps = dist.shard(x0, t, eps)  # drawn for the global batch, then this rank's rows
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(cfg, k)
+    opt.zero_grad(set_to_none=True)
+    rows = x0.shape[0]
+    n = cfg.grad_accum
+    chunks = list(zip(x0.tensor_split(n), t.tensor_split(n), eps.tensor_split(n), strict=True))
+    total = torch.zeros((), device=device)
+    for j, (xj, tj, ej) in enumerate(chunks):
+        x_t = q_sample(schedule, xj, tj, ej)
+        target = training_target(schedule, cfg.prediction, xj, tj, ej)
+        sync = j == len(chunks) - 1 or not hasattr(net, "no_sync")
+        with autocast, contextlib.nullcontext() if sync else net.no_sync():
+            pred = net(x_t, tj)
+            loss = F.mse_loss(pred.float(), target) * (xj.shape[0] / rows)  # float32 even under bf16 autocast
+            loss.backward()
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    return total, norm.detach()
+
+
+class _Estimator:
+    """Times steps start+2 .. start+4 (the first carries one-off costs) and reports the estimate once."""
+
+    MEASURE = 3
+
+    def __init__(self, cfg: TrainConfig, start: int, params: int, shape, device) -> None:
+        self.cfg, self.start, self.params, self.shape, self.device = cfg, start, params, shape, device
+        self.t0 = 0.0
+        self.at = min(cfg.iters, start + 1 + self.MEASURE)
+        self.done = cfg.iters - start < 2  # nothing to estimate for a 1-step run
+
+    def due(self, k: int) -> bool:
+        if k == self.start + 1:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.t0 = time.perf_counter()
+        return not self.done and k == self.at
+
+    def report(self, k: int) -> list[str]:
+        self.done = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        per = (time.perf_counter() - self.t0) / max(1, k - self.start - 1)
+        left = self.cfg.iters - k
+        lines = [
+            estimate_line(
+                self.cfg,
+                per_step=per,
+                measured=f"steps {self.start + 2}-{k}",
+                steps_left=left,
+                params=self.params,
+                memory=peak_memory_bytes(self.device),
+            )
+        ]
+        hint = smaller_hint(self.cfg, self.shape, self.device, per * left)
+        return lines + ([hint] if hint else [])
 
 
 def _diverged(out: Path, cfg: TrainConfig, k: int, what: str, saved: int | None) -> None:
