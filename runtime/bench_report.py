@@ -11,6 +11,8 @@ import numpy as np
 
 from ddpm.images import new_figure, save_figure
 
+from .bench_trust import verdict_line
+
 __all__ = ["render_markdown", "plot_report"]
 
 
@@ -26,8 +28,30 @@ def _fmt_s(s: float | None) -> str:
     return f"{s * 1e9:.0f} ns"
 
 
+_MET = {True: "yes", False: "**no**"}  # None: withheld on a busy machine
+
+
+def _conditions(report: dict[str, Any]) -> str:
+    """Load, other processes' CPU, the threads used: what the verdict's trust rests on, in one line."""
+    tr, th = report["trust"], report["threads"]
+    load = " / ".join(f"{v[0]:.2f}" if v else "-" for v in (tr["load_before"], tr["load_after"]))
+    others = "-" if tr["others_cpu"] is None else f"{tr['others_cpu']:.0%}"
+    runtimes = ", ".join(
+        f"{k} {v}" for k, v in th.items() if k not in ("asked", "usable_cores", "machine_cores", "env")
+    )
+    env = ", ".join(f"{k}={v}" for k, v in th["env"].items()) or "no thread variables set"
+    spread = "-" if tr["max_spread"] is None else f"{tr['max_spread']:.2f}x"
+    share = "-" if tr["min_cpu_share_judged"] is None else f"{tr['min_cpu_share_judged']:.0%}"
+    return (
+        f"Conditions: load average {load} (before / after) on {tr['cores']} cores ({th['usable_cores']} usable); "
+        f"other processes used {others} of the CPU; widest p90/median {spread}, lowest CPU share {share} "
+        f"(rows the verdict rests on); threads: {runtimes}; {env}"
+    )
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The machine, the command, then one table of stage rows, one of throughput, one of the targets."""
+    """The machine, the command, the conditions and the verdict, then one table of stage rows (median, p10, p90,
+    the CPU share the process got), one of throughput, one of the targets."""
     m = report["machine"]
     lines = [
         f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch {m['torch']}, onnxruntime "
@@ -38,8 +62,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
     ]
-    lines.append("| engine | batch | stage | impl | median | p90 | floor | x floor | speed-up vs eager |")
-    lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    if "trust" in report:
+        lines += [_conditions(report), "", f"**{verdict_line(report)}**", ""]
+    lines.append(
+        "| engine | batch | stage | impl | median | p10 | p90 | CPU | floor | x floor | speed-up vs eager |"
+    )
+    lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for res in report["results"]:
         name = Path(res["engine"]).name
         for r in res["rows"]:
@@ -51,9 +79,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             if r.get("precision") and not r.get("baseline") and r["precision"] not in impl:
                 impl = f"{impl}, {r['precision']}"  # the engine's own rows name only the runtime
             impl = f"**{impl}** (fastest)" if r.get("fastest") else impl
+            share = (r.get("cpu") or {}).get("share")
             lines.append(
                 f"| {name} | {res['batch']} | {r['stage']}{note} | {impl} | {_fmt_s(r['median_s'])} | "
-                f"{_fmt_s(r['p90_s'])} | {_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |"
+                f"{_fmt_s(r.get('p10_s'))} | {_fmt_s(r['p90_s'])} | {'-' if share is None else f'{share:.0%}'} | "
+                f"{_fmt_s(r['floor_s'])} | {xf} | {r['speedup']:.2f}x |"
             )
     lines.append("")
     lines.append("| engine | batch | setup: backend load | samples/s | eager samples/s | peak memory |")
@@ -73,7 +103,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for t in report["targets"]:
             lines.append(
                 f"| {t['target']} | {Path(t['engine']).name} | {t['batch']} | >= {t['min_ratio']:g}x | "
-                f"{t['measured_ratio']:.2f}x | {'yes' if t['met'] else '**no**'} |"
+                f"{t['measured_ratio']:.2f}x | {_MET.get(t['met'], 'withheld')} |"
             )
     return "\n".join(lines) + "\n"
 

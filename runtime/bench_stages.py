@@ -1,9 +1,10 @@
 """The three measured stages of ``ddpm bench`` for one engine x batch size: forward, update, loop.
 
 Each stage times the engine's way against the eager-PyTorch baseline of runtime/baseline.py and returns its
-report rows (median, p90, floor, speed-up over the stage's baseline). The engine's loop is the project's one
-reverse loop (``ddpm.reverse``, via runtime/sampling.py) with the sampler asked for; the baseline loop stays the
-DDPM loop of separate torch ops + randn, on purpose outside ``ddpm.reverse``.
+report rows (median, p10, p90, the CPU share this process got while timed, floor, speed-up over the stage's
+baseline). The engine's loop is the project's one reverse loop (``ddpm.reverse``, via runtime/sampling.py) with
+the sampler asked for; the baseline loop stays the DDPM loop of separate torch ops + randn, on purpose outside
+``ddpm.reverse``.
 
 :func:`bench_variant` adds the other runtime x precision pairs of the same case (OpenVINO fp32/bf16 beside
 onnxruntime, torch bf16 autocast beside torch fp32, eager torch bf16 beside the eager baseline): forward and loop
@@ -197,7 +198,7 @@ def bench_loop(
         "engine": time_fn(engine_loop, device=dev, warmup=1, repeats=reps),
     }
     scale = steps / k
-    scaled = {n: Timing(t.median * scale, t.p90 * scale, t.mean * scale, t.repeats) for n, t in timed.items()}
+    scaled = {n: t.scaled(scale) for n, t in timed.items()}
     sampler = "" if case.plan.sampler is Sampler.DDPM else f" {case.plan.sampler}"
     impl = f"{backend.name} + fused{sampler}" + (" (CUDA graph)" if graph else "")
     rows = [
@@ -292,8 +293,7 @@ def bench_variant(
     reps = 3 if fwd.median * k < cfg.loop_budget_s / 6 else 1
     with torch.inference_mode():
         loop = time_fn(loop_fn, device=dev, warmup=1, repeats=reps)
-    scale = steps / k
-    loop = Timing(loop.median * scale, loop.p90 * scale, loop.mean * scale, loop.repeats)
+    loop = loop.scaled(steps / k)
     tags = {"runtime": "eager torch" if eager else runtime, "precision": precision}
     fwd_name = f"eager torch {precision}" if eager else f"{runtime} {precision}"
     return [

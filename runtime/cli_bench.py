@@ -51,7 +51,12 @@ def register(app: typer.Typer) -> None:
         cuda_graph: Annotated[
             bool, typer.Option("--cuda-graph", help="GPU: replay the loop as one CUDA graph")
         ] = False,
-        threads: Annotated[int | None, typer.Option(help="CPU threads for torch and onnxruntime")] = None,
+        threads: Annotated[
+            int | None,
+            typer.Option(
+                help="CPU threads for every runtime and the eager baseline (default: the cores this process may use)"
+            ),
+        ] = None,
         runtime: Annotated[
             str | None,
             typer.Option(
@@ -67,10 +72,12 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON")] = None,
         md_out: Annotated[Path | None, typer.Option("--md", help="write the markdown table")] = None,
         plot: Annotated[Path | None, typer.Option(help="bar plot of speed-ups (PNG)")] = None,
+        progress: Annotated[bool, typer.Option(help="say on stderr what is being measured")] = True,
     ) -> None:
-        """Latency per stage (forward, update, loop), samples/s and peak memory vs eager PyTorch, with floors."""
+        """Latency per stage (forward, update, loop), samples/s and peak memory vs eager PyTorch, with floors;
+        the targets' verdict is withheld when the machine was too busy to trust."""
         # torch loads with the bench modules, here and not at import: `ddpm --help` stays fast
-        from .bench import BenchConfig, plot_report, render_markdown, run_bench
+        from .bench import BenchConfig, plot_report, render_markdown, run_bench, verdict_line
 
         for p, what in ((json_out, "--json"), (md_out, "--md"), (plot, "--plot")):
             if p is not None:
@@ -90,9 +97,10 @@ def register(app: typer.Typer) -> None:
             runtimes=_names(runtime),
             precisions=_names(precision),
         )
-        report = run_bench(cfg, log=lambda s: typer.echo(s, err=True))
+        report = run_bench(cfg, log=lambda s: typer.echo(s, err=True) if progress else None)
         md = render_markdown(report)
         typer.echo(md)
+        typer.echo(verdict_line(report), err=True)  # also where a script piping stdout away still sees it
         if json_out is not None:
             write_text_atomic(json_out, json.dumps(report, indent=2, default=str) + "\n")
         if md_out is not None:

@@ -265,7 +265,17 @@ def test_resume_validates_the_state(trained_run, tmp_path, capsys, edit, match):
     state_path = out / "train_state.pt"
     torch.save(edit(torch.load(state_path, weights_only=True)), state_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    args = [*_train_args(out), "--resume", "--iters", "4", "--num-samples", "8", "--no-progress", "--threads", "1"]
+    args = [
+        *_train_args(out),
+        "--resume",
+        "--iters",
+        "4",
+        "--num-samples",
+        "8",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert_one_line(*cli(args, capsys), match=match)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 

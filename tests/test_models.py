@@ -105,7 +105,9 @@ def test_bad_unet_configs_are_rejected(kwargs, match):
 
 
 def test_bad_preset_and_arch():
-    with pytest.raises(InvalidArgumentError, match=r"unknown model preset 'huge'; allowed: tiny, small, mnist"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"unknown model preset 'huge'; allowed: tiny, small, mnist"
+    ):
         preset_config("huge")
     with pytest.raises(InvalidArgumentError, match=r"arch 'unet' or 'mlp'"):
         build_model({"arch": "transformer"})
