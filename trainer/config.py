@@ -95,6 +95,12 @@ class TrainConfig:
         validate_config(cfg)
         return cfg, origin
 
+    def preview(self, is_image: bool) -> dict[str, Any]:
+        """How the previews are drawn: 64 images in a grid (clipped to the data range) or 1000 points (unclipped);
+        the checkpoint records sampler, steps and clip as what `ddpm run` should use."""
+        n = self.num_samples or (64 if is_image else 1000)
+        return {"n": n, "sampler": "ddpm", "steps": self.sample_steps, "clip": 1.0 if is_image else None}
+
     def trajectory(self) -> dict[str, Any]:
         """The settings that determine the loss trajectory; a resumed run must match them."""
         skip = {

@@ -60,8 +60,9 @@ def run_header(
     after = "then cosine decay to 0 at the last step" if cfg.lr_schedule == "cosine" else "then constant"
     micro = cfg.batch_size // cfg.grad_accum
     accum = f" as {cfg.grad_accum} micro-batches of {micro}" if cfg.grad_accum > 1 else ""
-    n_prev = cfg.num_samples or (64 if len(sample_shape) == 3 else 1000)
-    clip = "clip 1" if len(sample_shape) == 3 else "no clip"
+    preview = cfg.preview(len(sample_shape) == 3)
+    n_prev = preview["n"]
+    clip = "no clip" if preview["clip"] is None else f"clip {preview['clip']:g}"
     saves = f"every {cfg.save_every} steps and at the end" if cfg.save_every else "at the end"
     lines = [
         f"train {cfg.data} -> {cfg.out} ({where})",

@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         "dataset": cfg.data,
         "ema_decay": cfg.ema_decay,
         # what the previews were drawn with: `ddpm run` uses it unless told otherwise
-        "sampling": {"sampler": "ddpm", "steps": cfg.sample_steps, "clip": 1.0 if ds.is_image else None},
+        "sampling": {k: v for k, v in cfg.preview(ds.is_image).items() if k != "n"},
         **dist.facts(cfg.batch_size),
     }
     order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
@@ -376,16 +376,16 @@ def _diverged(out: Path, cfg: TrainConfig, k: int, what: str, saved: int | None)
 
 
 def _preview(ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device) -> torch.Tensor:
-    n = cfg.num_samples or (64 if ds.is_image else 1000)
+    how = cfg.preview(ds.is_image)
     return reference_sample(
         ema,
         schedule,
         cfg.prediction,
         ds.sample_shape,
-        n=n,
-        steps=cfg.sample_steps,
+        n=how["n"],
+        steps=how["steps"],
         seed=cfg.seed,
-        clip=1.0 if ds.is_image else None,
+        clip=how["clip"],
         device=device,
     )
 
