@@ -44,3 +44,15 @@ def torch_gen():
     g = torch.Generator()
     g.seed()
     return g
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test: small models only pay overhead for more, and the suite shares
+    2 cores with other jobs (the OpenMP pool spins against them)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

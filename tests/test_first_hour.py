@@ -32,12 +32,7 @@ from ddpm.trainer.train import _lr_at, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pngs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:

@@ -20,14 +20,7 @@ from ddpm.trainer.data import load_dataset
 from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add overhead, and this suite shares 2 cores with other jobs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tmp_path, data="swissroll", **kw):

@@ -17,16 +17,7 @@ from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.trainer.preview import reference_sample
 from ddpm.trainer.train import TrainConfig, train
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: torch's intra-op pool only adds overhead, and spins against other jobs on 2 cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _seeds():

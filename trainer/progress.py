@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["TrainProgress", "progress_interval"]
+__all__ = ["TrainProgress", "progress_interval", "hms"]
 
 DEFAULT_INTERVAL = 10.0
 
@@ -37,7 +37,8 @@ def progress_interval() -> float:
     return value if value > 0 else DEFAULT_INTERVAL
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """2m05s under an hour, 1:02:05 above (progress lines and the run's estimate)."""
     s = max(0, int(round(seconds)))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -119,6 +120,6 @@ class TrainProgress:
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         self.log(
             f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%)  loss {loss:.4f}  {rate:.3g} it/s  "
-            f"elapsed {_hms(now - self._t0)}  ETA {_hms(eta) if eta != float('inf') else '?'}"
+            f"elapsed {hms(now - self._t0)}  ETA {hms(eta) if eta != float('inf') else '?'}"
         )
         self._last_t, self._last_step = now, step

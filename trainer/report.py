@@ -20,6 +20,7 @@ from ddpm.models import build_model, count_params, preset_config
 
 from .config import TrainConfig
 from .presets import SMALLER
+from .progress import hms
 
 __all__ = [
     "run_header",
@@ -88,11 +89,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def estimate_line(
     cfg: TrainConfig, *, per_step: float, measured: str, steps_left: int, params: int, memory: int
 ) -> str:
@@ -101,7 +97,7 @@ def estimate_line(
     weights = 4 * params
     saves = 1 + (cfg.iters // cfg.save_every if cfg.save_every else 0)
     return (
-        f"estimate: {steps_left} more steps ~ {_hms(per_step * steps_left)} at {per_step:.3g} s/step "
+        f"estimate: {steps_left} more steps ~ {hms(per_step * steps_left)} at {per_step:.3g} s/step "
         f"(measured over {measured}); memory {memory / 2**30:.2f} GiB peak; disk {weights / 1e6:.1f} MB "
         f"model.safetensors + {4 * weights / 1e6:.1f} MB train_state.pt + ~{saves * 0.05:.2g} MB previews"
     )
@@ -142,5 +138,5 @@ def smaller_hint(
     per *= cfg.grad_accum
     return (
         f"hint: that is long on a CPU; --model {smaller} ({params / 1e6:.2f}M params) measures {per:.3g} s/step "
-        f"here, {_hms(per * cfg.iters)} for {cfg.iters} steps"
+        f"here, {hms(per * cfg.iters)} for {cfg.iters} steps"
     )

@@ -218,8 +218,9 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
                 _diverged(out, cfg, len(losses) + bad + 1, f"the loss is {values[bad]}", saved_step[0])
             first = len(losses) + 1
             losses.extend(values)
-            lrs = [_lr_at(cfg, k) for k in range(first, first + len(values))]
-            tb.scalars(first, loss=values, lr=lrs, grad_norm=grad_norms)
+            if tb.writer is not None:
+                lrs = [_lr_at(cfg, k) for k in range(first, first + len(values))]
+                tb.scalars(first, loss=values, lr=lrs, grad_norm=grad_norms)
 
     def save(k: int) -> None:
         flush()
