@@ -19,6 +19,9 @@ STAMP       := $(VENV)/.ddpm-installed
 BUILD_INPUTS := pyproject.toml CMakeLists.txt $(wildcard csrc/*) $(wildcard ddpm/*.pyi)
 DEMO_DIR    ?= runs/demo
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core this process may use (tests/conftest.py puts each on one torch thread and
+# trains the quality tests' reference models in the background meanwhile).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup demo test lint format bench clean
 
@@ -40,7 +43,8 @@ demo: $(STAMP)
 # The layer contract (import-linter, pyproject.toml [tool.importlinter]) runs first: a broken layer fails fast.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -m serial $(PYTEST_ARGS) || test $$? -eq 5  # 5: the selection held no serial test
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,7 @@
 Each DIR holds ``model.safetensors`` and ``model.onnx`` (its ``ddpm export``).
 
 Speed, per model and batch size (1000-step DDPM, CPU):
-    eager fp32  - runtime/baseline.py's ``eager_loop``: the checkpoint in eager torch, separate update ops + randn
+    eager fp32  - bench/baseline.py's ``eager_loop``: the checkpoint in eager torch, separate update ops + randn
     ours        - ``ddpm.sample(backend, ...)`` for every runtime x precision that runs here: onnxruntime fp32,
                   OpenVINO fp32 / bf16 (the ONNX file), torch fp32 / bf16 autocast (the checkpoint); backends are
                   opened once (compilation is setup, reported apart), as ``ddpm run`` opens one per run.
@@ -34,16 +34,17 @@ from typing import Any
 import torch
 
 import ddpm
+from ddpm.bench.baseline import EagerScheduler, eager_loop
+from ddpm.bench.run import _machine as bench_machine
+from ddpm.bench.timing import time_fn
+from ddpm.evaluation.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.io import write_text_atomic
 from ddpm.loop import run_reverse
 from ddpm.noise import initial_noise
+from ddpm.options import SamplingOptions
 from ddpm.precision import cpu_has_bf16
 from ddpm.runtime.backends import open_backend
-from ddpm.runtime.baseline import EagerScheduler, eager_loop
-from ddpm.runtime.bench import _machine as bench_machine
 from ddpm.runtime.sampling import SamplingPlan
-from ddpm.runtime.timing import time_fn
-from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 
 STEPS = 1000
 SWISS_BF16_MAX_RATIO = 1.5  # bf16 energy distance / fp32's
@@ -74,7 +75,7 @@ def _eager(folder: Path, batch: int, args: argparse.Namespace) -> dict[str, Any]
     with torch.inference_mode():
         fwd = time_fn(lambda _k: model(x, t), repeats=3, warmup=1)
     k = _k_steps(fwd.median, args.budget)
-    plan = SamplingPlan.create(meta, steps=k)
+    plan = SamplingPlan.for_artifact(meta, SamplingOptions(steps=k))
     sched = EagerScheduler(plan.schedule)
     loop = time_fn(
         lambda _k: eager_loop(model, sched, x, range(k - 1, -1, -1)), warmup=1, repeats=args.repeats
@@ -145,7 +146,7 @@ def step_errors(onnx: Path, n: int, args: argparse.Namespace) -> list[dict[str, 
         open_backend(onnx, precision="fp32", **opts) as f32,
         open_backend(onnx, precision="bf16", **opts) as b16,
     ):
-        plan = SamplingPlan.create(f32.meta, steps=args.quality_steps)
+        plan = SamplingPlan.for_artifact(f32.meta, SamplingOptions(steps=args.quality_steps))
         every = max(1, plan.steps // 10)
         states: dict[int, torch.Tensor] = {}
 

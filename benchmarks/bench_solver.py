@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 import ddpm
+from ddpm.bench.baseline import EagerScheduler, eager_loop
 from ddpm.build_facts import build_facts
+from ddpm.evaluation.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.io import write_text_atomic
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
-from ddpm.runtime.baseline import EagerScheduler, eager_loop
-from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 
 # (sampler, steps, spacing); None = the sampler's default (uniform for ddpm/ddim, trailing for dpm++)
 SOLVERS = [

@@ -31,12 +31,12 @@ import torch
 
 import ddpm
 from ddpm import Schedule
+from ddpm.bench.floors import UPDATE_BYTES_PER_ELEMENT, measure_copy_bandwidth
 from ddpm.build_facts import build_facts
 from ddpm.diffusion import step_coefficients
 from ddpm.extension import cpu_extension, cuda_extension
 from ddpm.io import write_text_atomic
 from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
-from ddpm.runtime.floors import UPDATE_BYTES_PER_ELEMENT, measure_copy_bandwidth
 
 SIZES = [(1, 1, 28, 28), (64, 1, 28, 28), (64, 3, 32, 32), (256, 3, 32, 32)]
 SEED, CLIP = 1234, 1.0

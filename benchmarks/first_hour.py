@@ -42,14 +42,14 @@ def write_pngs(folder: Path, n: int = 200, size: int = 16, seed: int = 0) -> Non
 
 
 def confidence(x: torch.Tensor) -> float:
-    from ddpm.trainer.metrics import digits_classifier_check
+    from ddpm.evaluation.metrics import digits_classifier_check
 
     g8 = F.interpolate(x.mean(1, keepdim=True), size=(8, 8), mode="area")
     return float(digits_classifier_check(g8)["mean_confidence"])
 
 
 def noise_confidence() -> float:
-    from ddpm.trainer.metrics import digits_classifier_check
+    from ddpm.evaluation.metrics import digits_classifier_check
 
     return float(digits_classifier_check(torch.zeros(256, 1, 8, 8))["noise_mean_confidence"])
 

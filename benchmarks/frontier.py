@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 import ddpm
+from ddpm.bench.baseline import EagerScheduler, eager_loop
+from ddpm.evaluation.evaluate import evaluate, evaluate_report
+from ddpm.evaluation.metrics import swissroll_energy_check
 from ddpm.images import new_figure, save_figure, to_uint8_nhwc
 from ddpm.io import write_text_atomic
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
-from ddpm.runtime.baseline import EagerScheduler, eager_loop
-from ddpm.trainer.evaluate import evaluate, evaluate_report
-from ddpm.trainer.metrics import swissroll_energy_check
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 STEPS = (5, 10, 20, 50, 100, 1000)

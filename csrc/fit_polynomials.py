@@ -1,9 +1,10 @@
-"""Fit the polynomial coefficients used in csrc/philox.h (run: python csrc/fit_polynomials.py).
+"""Fit the polynomial coefficients used in csrc/philox.h and csrc/step_math.h (run: python csrc/fit_polynomials.py).
 
 Each is a weighted minimax fit (Lawson's iteratively reweighted least squares, float64) of the part of the
 function beyond its leading Taylor terms, weighted so that the error is RELATIVE to the function value:
     log1p(f) = f - f^2/2 + f^3 P(f),                f in [sqrt(1/2) - 1, sqrt(2) - 1]
     sin(t)   = t + t^3 S(t^2),  cos(t) = 1 - t^2/2 + t^4 C(t^2),   |t| <= pi/4
+    exp(r)   = 1 + r + r^2 E(r),                    |r| <= ln(2)/2  (step_math.h's exp_f32, learned-range sigma)
 Printed: the coefficients (lowest order first) as C float literals, and the fit's max relative error, which
 is far below float32's 2^-24 = 6e-8 so that the kernels' error is their float32 arithmetic alone.
 """
@@ -48,6 +49,10 @@ def main() -> None:
     print(f"sin S (max rel err {err:.2e}):", ", ".join(f"{v:.9g}f" for v in s))
     c, err = lawson((np.cos(t) - 1 + t2 / 2) / t2**2, basis, np.abs(t2**2 / np.cos(t)))
     print(f"cos C (max rel err {err:.2e}):", ", ".join(f"{v:.9g}f" for v in c))
+    r = chebyshev_nodes(-np.log(2) / 2, np.log(2) / 2)
+    r = r[np.abs(r) > 1e-3]
+    e, err = lawson((np.expm1(r) - r) / r**2, np.stack([r**k for k in range(5)], 1), np.abs(r**2 / np.exp(r)))
+    print(f"exp E (max rel err {err:.2e}):", ", ".join(f"{v:.9g}f" for v in e))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,15 @@ inline uint32_t counter_word_arg(py::handle h, const char* name) {
   return static_cast<uint32_t>(index_arg(h, name, std::numeric_limits<uint32_t>::max(), "[0, 4294967296)"));
 }
 
-// A coefficient row: a sequence of six numbers (a, b, c, p, q, sigma), each finite once cast to float32.
-inline void coeffs_arg(py::handle h, float row[kNumCoefs]) {
+// A coefficient row: a sequence of six numbers (a, b, c, p, q, sigma), or eight (plus lv0, lv1 of a learned-range
+// variance), each finite once cast to float32. Returns the width.
+inline int coeffs_arg(py::handle h, float row[kNumCoefsLearned]) {
   bool ok = false;
+  Py_ssize_t size = 0;
   if (PyObject* seq = PySequence_Fast(h.ptr(), "")) {
-    ok = PySequence_Fast_GET_SIZE(seq) == kNumCoefs;
-    for (int k = 0; ok && k < kNumCoefs; ++k) {
+    size = PySequence_Fast_GET_SIZE(seq);
+    ok = size == kNumCoefs || size == kNumCoefsLearned;
+    for (Py_ssize_t k = 0; ok && k < size; ++k) {
       const double v = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, k));  // ints and __float__ too
       ok = !(v == -1.0 && PyErr_Occurred());
       row[k] = static_cast<float>(v);
@@ -55,10 +58,21 @@ inline void coeffs_arg(py::handle h, float row[kNumCoefs]) {
   }
   if (!ok) {
     PyErr_Clear();
-    throw std::invalid_argument("coeffs must be 6 floats (a, b, c, p, q, sigma), got " +
+    throw std::invalid_argument("coeffs must be 6 floats (a, b, c, p, q, sigma) or 8 (plus lv0, lv1), got " +
                                 py::repr(h).cast<std::string>());
   }
-  for (int k = 0; k < kNumCoefs; ++k) check_finite(row[k], kCoefNames[k]);
+  for (Py_ssize_t k = 0; k < size; ++k) check_finite(row[k], kCoefNames[k]);
+  return static_cast<int>(size);
+}
+
+// A Python float (or int, or anything with __float__); the message names the argument.
+inline double float_arg(py::handle h, const char* name) {
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw std::invalid_argument(std::string(name) + " must be a float, got " + py::repr(h).cast<std::string>());
+  }
+  return v;
 }
 
 }  // namespace ddpm

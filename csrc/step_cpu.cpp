@@ -12,7 +12,10 @@
 // GCC reports loops 2 and 3 vectorised with 64/32/16-byte vectors in the AVX-512/AVX2/baseline variants (build
 // with -DDDPM_VEC_REPORT=ON). A sample's last, partial group (d not a multiple of 4) is one scalar Philox call.
 // Steps with sigma = 0 draw no noise at all. The history operand is a template parameter too, so the DDPM/DDIM loop
-// (no h) compiles to exactly the loop it was before h existed, and c == 0 with h only adds the store of x0.
+// (no h) compiles to exactly the loop it was before h existed, and c == 0 with h only adds the store of x0. The
+// optional operands (guidance's uncond, per-sample thresholds, the learned-range variance) are template bits the
+// same way (kOps): the instantiation without them is the loop it was before they existed. A tile never crosses a
+// sample, so a sample's threshold and its strided operand rows are loop-invariant scalars and pointers.
 //
 // The range functions are compiled three times with different target attributes (x86-64-v4 with 512-bit
 // vectors, x86-64-v3 = AVX2 + FMA, and the baseline) and picked once at run time from the CPU's features, so one
@@ -20,10 +23,15 @@
 #include "step_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "philox.h"
 #include "philox_simd.h"  // also defines DDPM_X86_DISPATCH
@@ -84,23 +92,44 @@ DDPM_HD void normal_groups(float* z, uint32_t c0, uint32_t count, uint32_t sampl
 // garbage), or read c h and then store x0.
 enum class Hist { kNone, kStore, kReadStore };
 
-// The affine update of elements [0, count) given their noise z (ignored when kNoise is false: sigma = 0).
-// No __restrict on x/out: out may be x (in place); every iteration reads its own x, m (and h) before writing.
-template <bool kNoise, Hist kHist>
-DDPM_HD void affine_run(const StepArgs& A, int64_t e0, const float* z, int64_t count) {
-  const float *x = A.x + e0, *m = A.m + e0;
+// The optional operands a step instantiation reads (bits of kOps). kVar is only ever set with noise: without
+// noise sigma is unused, and so is v.
+constexpr unsigned kGuide = 1;   // u: m -> u + S (m - u)
+constexpr unsigned kThresh = 2;  // thresholds: clip -> s_row, then x0 / s_row
+constexpr unsigned kVar = 4;     // v: sigma -> exp(lv0 + lv1 v)
+constexpr unsigned kNumOps = 8;
+
+// The affine update of elements [col, col + count) of sample `row`, given their noise z (ignored when kNoise is
+// false: sigma = 0). No __restrict on x/m/out: out may be x or m (in place); every iteration reads its own x, m
+// (and u, v, h) before writing. u and v never overlap out or h (checked by the bindings).
+template <bool kNoise, Hist kHist, unsigned kOps>
+DDPM_HD void affine_run(const StepArgs& A, int64_t row, int64_t col, const float* z, int64_t count) {
+  constexpr bool kGuided = (kOps & kGuide) != 0, kDynamic = (kOps & kThresh) != 0;
+  constexpr bool kLearned = kNoise && (kOps & kVar) != 0;
+  const int64_t e0 = row * A.d + col;
+  const float *x = A.x + e0, *m = A.m + row * A.m_stride + col;
+  const float* u = kGuided ? A.u + row * A.u_stride + col : nullptr;
+  const float* v = kLearned ? A.v + row * A.v_stride + col : nullptr;
   float *out = A.out + e0, *h = kHist == Hist::kNone ? nullptr : A.h + e0;
-  const float a = A.a, b = A.b, c = A.c, p = A.p, q = A.q, sigma = A.sigma, clip = A.clip;
+  const float a = A.a, b = A.b, c = A.c, p = A.p, q = A.q, sigma = A.sigma;
+  const float bound = kDynamic ? A.thr[row] : A.clip;
+  const float scale = A.guidance, lv0 = A.lv0, lv1 = A.lv1;
 #pragma omp simd
   for (int64_t e = 0; e < count; ++e) {
     const float xe = x[e];
-    const float x0 = x0_hat(xe, m[e], p, q, clip);
+    float me = m[e];
+    if constexpr (kGuided) me = guided(me, u[e], scale);
+    float x0 = x0_hat(xe, me, p, q, bound);
+    if constexpr (kDynamic) x0 = x0 / bound;
     const float ze = kNoise ? z[e] : 0.0f;
+    float sig = sigma;
+    if constexpr (kLearned) sig = learned_sigma(v[e], lv0, lv1);
+    (void)scale, (void)lv0, (void)lv1, (void)u, (void)v;
     if constexpr (kHist == Hist::kReadStore) {
-      out[e] = affine_history(xe, x0, h[e], ze, a, b, c, sigma);
+      out[e] = affine_history(xe, x0, h[e], ze, a, b, c, sig);
     } else {
       (void)c;
-      out[e] = affine(xe, x0, ze, a, b, sigma);
+      out[e] = affine(xe, x0, ze, a, b, sig);
     }
     if constexpr (kHist != Hist::kNone) h[e] = x0;
   }
@@ -119,7 +148,7 @@ DDPM_HD RowSpan row_span(int64_t g, int64_t g_end, int64_t groups) {
 
 // Groups [g_begin, g_end) of the fused step. kNoise = false when sigma == 0 (DDPM's last step, deterministic
 // DDIM): then no random numbers are drawn at all.
-template <Isa kIsa, bool kNoise, Hist kHist>
+template <Isa kIsa, bool kNoise, Hist kHist, unsigned kOps>
 DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
   const int64_t d = A.d, full = d / 4;
   const uint32_t k0 = static_cast<uint32_t>(A.seed), k1 = static_cast<uint32_t>(A.seed >> 32);
@@ -127,8 +156,8 @@ DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
     const auto [row, c_begin, c_end] = row_span(g, g_end, groups);
     g += c_end - c_begin;
     if constexpr (!kNoise) {
-      const int64_t e = row * d + 4 * c_begin, n_elems = std::min(d, 4 * c_end) - 4 * c_begin;
-      affine_run<false, kHist>(A, e, nullptr, n_elems);
+      const int64_t n_elems = std::min(d, 4 * c_end) - 4 * c_begin;
+      affine_run<false, kHist, kOps>(A, row, 4 * c_begin, nullptr, n_elems);
     } else {
       const uint32_t sample = A.sample_offset + static_cast<uint32_t>(row);
       alignas(64) float z[4 * kTile];
@@ -141,8 +170,8 @@ DDPM_HD void step_range(const StepArgs& A, int64_t g_begin, int64_t g_end) {
           float* t = z + 4 * n_full;
           normal4(static_cast<uint32_t>(full), sample, A.step, kStreamStep, k0, k1, t[0], t[1], t[2], t[3]);
         }
-        const int64_t e = row * d + 4 * c, n_elems = std::min(d, 4 * (c + n_groups)) - 4 * c;
-        affine_run<true, kHist>(A, e, z, n_elems);
+        const int64_t n_elems = std::min(d, 4 * (c + n_groups)) - 4 * c;
+        affine_run<true, kHist, kOps>(A, row, 4 * c, z, n_elems);
       }
     }
   }
@@ -199,21 +228,20 @@ using StepFn = void (*)(const StepArgs&, int64_t, int64_t);
 using NormalFn = void (*)(const NormalArgs&, int64_t, int64_t);
 using WordsFn = void (*)(uint32_t*, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t);
 
-// step_{plain,noise}_{none,store,read}_<isa>: without/with noise x the three history modes, one function each.
-#define DDPM_STEP_FN(SUFFIX, ISA, ATTR, NOISE, HIST, NAME)                                                      \
-  ATTR void NAME##_##SUFFIX(const StepArgs& A, int64_t b, int64_t e) { step_range<ISA, NOISE, HIST>(A, b, e); }
-#define DDPM_DEFINE_VARIANT(SUFFIX, ISA, ATTR)                                                                     \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kNone, step_plain_none)                                               \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kStore, step_plain_store)                                             \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, false, Hist::kReadStore, step_plain_read)                                          \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kNone, step_noise_none)                                                \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kStore, step_noise_store)                                              \
-  DDPM_STEP_FN(SUFFIX, ISA, ATTR, true, Hist::kReadStore, step_noise_read)                                           \
-  ATTR void normal_##SUFFIX(const NormalArgs& A, int64_t b, int64_t e) { normal_range<ISA>(A, b, e); }        \
-  ATTR void words_##SUFFIX(uint32_t* o, uint32_t c0, uint32_t n, uint32_t s, uint32_t t, uint32_t k, uint32_t k0, \
-                           uint32_t k1) {                                                                        \
-    philox_words_impl<ISA>(o, c0, n, s, t, k, k0, k1);                                                          \
-  }
+// A variant is a struct whose static member templates carry the target attribute; step<kNoise, kHist, kOps> is one
+// instantiation of the fused step (step_range is always_inline, so it is compiled for the variant's target).
+#define DDPM_DEFINE_VARIANT(SUFFIX, ISA, ATTR)                                                                    \
+  struct Variant_##SUFFIX {                                                                                       \
+    template <bool kNoise, Hist kHist, unsigned kOps>                                                             \
+    ATTR static void step(const StepArgs& A, int64_t b, int64_t e) {                                              \
+      step_range<ISA, kNoise, kHist, kOps>(A, b, e);                                                              \
+    }                                                                                                             \
+    ATTR static void normal(const NormalArgs& A, int64_t b, int64_t e) { normal_range<ISA>(A, b, e); }           \
+    ATTR static void words(uint32_t* o, uint32_t c0, uint32_t n, uint32_t s, uint32_t t, uint32_t k, uint32_t k0, \
+                           uint32_t k1) {                                                                         \
+      philox_words_impl<ISA>(o, c0, n, s, t, k, k0, k1);                                                          \
+    }                                                                                                             \
+  };
 
 DDPM_DEFINE_VARIANT(base, Isa::kBaseline, )
 #if DDPM_X86_DISPATCH
@@ -221,27 +249,41 @@ DDPM_DEFINE_VARIANT(avx2, Isa::kAvx2, __attribute__((target("arch=x86-64-v3"))))
 DDPM_DEFINE_VARIANT(avx512, Isa::kAvx512, __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))))
 #endif
 
+using StepFns = std::array<std::array<std::array<StepFn, 3>, 2>, kNumOps>;  // [kOps][noise][Hist]
+
+template <class V, unsigned kOps>
+constexpr std::array<std::array<StepFn, 3>, 2> step_fns_for() {
+  constexpr unsigned kQuiet = kOps & ~kVar;  // no noise: v is never read, share the instantiation without it
+  return {{{&V::template step<false, Hist::kNone, kQuiet>, &V::template step<false, Hist::kStore, kQuiet>,
+            &V::template step<false, Hist::kReadStore, kQuiet>},
+           {&V::template step<true, Hist::kNone, kOps>, &V::template step<true, Hist::kStore, kOps>,
+            &V::template step<true, Hist::kReadStore, kOps>}}};
+}
+
+template <class V, size_t... kOps>
+constexpr StepFns step_fns(std::index_sequence<kOps...>) {
+  return {step_fns_for<V, static_cast<unsigned>(kOps)>()...};
+}
+
 struct Kernels {
-  StepFn step[2][3];  // [noise][Hist]
+  StepFns step;
   NormalFn normal;
   WordsFn words;
   const char* name;
 };
 
-#define DDPM_KERNELS(SUFFIX, NAME)                                                                             \
-  Kernels {                                                                                                    \
-    {{step_plain_none_##SUFFIX, step_plain_store_##SUFFIX, step_plain_read_##SUFFIX},                                      \
-     {step_noise_none_##SUFFIX, step_noise_store_##SUFFIX, step_noise_read_##SUFFIX}},                                     \
-        normal_##SUFFIX, words_##SUFFIX, NAME                                                                  \
-  }
+template <class V>
+Kernels kernels_of(const char* name) {
+  return Kernels{step_fns<V>(std::make_index_sequence<kNumOps>{}), &V::normal, &V::words, name};
+}
 
 Kernels kernels_named(const std::string& name) {
 #if DDPM_X86_DISPATCH
-  if (name == "avx512") return DDPM_KERNELS(avx512, "avx512");
-  if (name == "avx2") return DDPM_KERNELS(avx2, "avx2");
+  if (name == "avx512") return kernels_of<Variant_avx512>("avx512");
+  if (name == "avx2") return kernels_of<Variant_avx2>("avx2");
 #endif
   (void)name;
-  return DDPM_KERNELS(base, "baseline");
+  return kernels_of<Variant_base>("baseline");
 }
 
 // The best variant this CPU runs (x86: from CPUID via __builtin_cpu_supports).
@@ -300,10 +342,102 @@ void fused_step(const StepArgs& args) {
   const int64_t total = args.n * ((args.d + 3) / 4);
   const bool noise = args.sigma != 0.0f;
   const Hist hist = args.h == nullptr ? Hist::kNone : args.c == 0.0f ? Hist::kStore : Hist::kReadStore;
-  const StepFn fn = kernels().step[noise][static_cast<int>(hist)];
+  const unsigned ops = (args.u != nullptr ? kGuide : 0u) | (args.thr != nullptr ? kThresh : 0u) |
+                       (noise && args.v != nullptr ? kVar : 0u);
+  const StepFn fn = kernels().step[ops][noise][static_cast<int>(hist)];
   // Without noise a step is a few flops per element: worth threads only at ~8x the size.
   const int64_t cost = noise ? args.n * args.d : args.n * args.d / 8;
   parallel_groups(total, cost, [&](int64_t lo, int64_t hi) { fn(args, lo, hi); });
+}
+
+namespace {
+
+// torch.lerp's formula (ATen's lerp): the two forms keep the result exact at w = 0 and at w = 1.
+float torch_lerp(float lo, float hi, float w) { return std::fabs(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w); }
+
+// The order statistics sorted[lo] and sorted[lo + 1] (or sorted[lo] twice when lo == d - 1) of buf[0, d), by
+// nth_element; buf is reordered and spare (d floats) is scratch. For a high quantile (Imagen's ratio 0.995: the
+// k = d - lo largest values matter, k << d) the full selection is mostly wasted, so first: a cut from an
+// every-8th subsample (about 2k + 8 of its values lie above it), then the values >= cut as candidates. If there
+// are at least k of them, every one of the k largest values is >= cut (else fewer than k values would be), so the
+// selection among the candidates is exact; otherwise (ties, unlucky data) the full selection runs.
+std::pair<float, float> upper_order_stats(float* buf, float* spare, int64_t d, int64_t lo) {
+  const int64_t k = d - lo;
+  if (d >= 256 && k * 16 <= d) {
+    const int64_t ns = d / 8, ks = std::min(ns, 2 * (k / 8) + 8);
+    for (int64_t j = 0; j < ns; ++j) spare[j] = buf[8 * j];
+    std::nth_element(spare, spare + (ns - ks), spare + ns);
+    const float cut = spare[ns - ks];
+    int64_t count = 0;
+    for (int64_t e = 0; e < d; ++e) {
+      if (buf[e] >= cut) spare[count++] = buf[e];
+    }
+    if (count >= k) {
+      float* at = spare + (count - k);
+      std::nth_element(spare, at, spare + count);
+      return {*at, k == 1 ? *at : *std::min_element(at + 1, spare + count)};
+    }
+  }
+  std::nth_element(buf, buf + lo, buf + d);
+  return {buf[lo], k == 1 ? buf[lo] : *std::min_element(buf + lo + 1, buf + d)};
+}
+
+// The threshold of sample `row`; buf holds 2 d floats of scratch.
+float row_threshold(const ThresholdArgs& A, int64_t row, float* buf) {
+  const int64_t d = A.d;
+  const float *x = A.x + row * d, *m = A.m + row * A.m_stride;
+  const float* u = A.u == nullptr ? nullptr : A.u + row * A.u_stride;
+  const float p = A.p, q = A.q, scale = A.guidance;
+  int bad = 0;
+  if (u != nullptr) {
+#pragma omp simd reduction(| : bad)
+    for (int64_t e = 0; e < d; ++e) {
+      const float v = std::fabs(p * x[e] + q * guided(m[e], u[e], scale));
+      bad |= v != v;
+      buf[e] = v;
+    }
+  } else {
+#pragma omp simd reduction(| : bad)
+    for (int64_t e = 0; e < d; ++e) {
+      const float v = std::fabs(p * x[e] + q * m[e]);
+      bad |= v != v;
+      buf[e] = v;
+    }
+  }
+  if (bad) return std::numeric_limits<float>::quiet_NaN();  // torch.quantile's answer for a row with a NaN
+  // torch.quantile: the rank in the input's dtype (float32), its floor and ceiling, and their lerp. rank <= d - 1
+  // (ratio <= 1), so ceil(rank) is floor(rank) or floor(rank) + 1.
+  const float rank = A.ratio * static_cast<float>(d - 1);
+  const int64_t lo = std::min<int64_t>(static_cast<int64_t>(rank), d - 1);
+  const auto [v_lo, v_next] = upper_order_stats(buf, buf + d, d, lo);
+  const float v_hi = static_cast<float>(lo) == rank ? v_lo : v_next;
+  float s = torch_lerp(v_lo, v_hi, rank - static_cast<float>(lo));
+  s = s < 1.0f ? 1.0f : s;  // torch.clamp(s, min=1, max=max_value); a NaN passes
+  return s > A.max_value ? A.max_value : s;
+}
+
+}  // namespace
+
+void dynamic_thresholds(const ThresholdArgs& args) {
+  int threads = 1;
+#ifdef DDPM_HAVE_OPENMP
+  if (args.n > 1 && args.n * args.d >= g_parallel_threshold.load(std::memory_order_relaxed)) {
+    threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), args.n));
+  }
+#endif
+  if (threads <= 1) {
+    std::vector<float> buf(2 * static_cast<size_t>(args.d));
+    for (int64_t k = 0; k < args.n; ++k) args.out[k] = row_threshold(args, k, buf.data());
+    return;
+  }
+#ifdef DDPM_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buf(2 * static_cast<size_t>(args.d));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < args.n; ++k) args.out[k] = row_threshold(args, k, buf.data());
+  }
+#endif
 }
 
 void normal(const NormalArgs& args) {

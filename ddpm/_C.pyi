@@ -8,13 +8,18 @@ from collections.abc import Sequence
 from typing import Any, SupportsFloat, SupportsIndex
 
 class StepTable:
-    """A [rows, 6] float32 coefficient table (a, b, c, p, q, sigma), copied in and checked, plus a step counter."""
+    """A [rows, 6] (a, b, c, p, q, sigma) or [rows, 8] (plus lv0, lv1: learned-range variance) float32 coefficient
+    table, copied in and checked, plus a step counter."""
 
-    def __init__(self, table: int, rows: int) -> None:
-        """Copy ``rows`` rows from the float32 buffer at ``table``; every entry must be finite; counter = rows - 1."""
+    def __init__(self, table: int, rows: int, cols: int = 6) -> None:
+        """Copy ``rows`` rows of ``cols`` (6 or 8) from the float32 buffer at ``table``; every entry must be
+        finite; counter = rows - 1."""
     @property
     def rows(self) -> int:
         """Number of rows (sampling steps)."""
+    @property
+    def cols(self) -> int:
+        """Columns per row: 6, or 8 with a learned-range variance."""
     @property
     def counter(self) -> int:
         """The row (and step index) a counter-driven call reads next."""
@@ -40,8 +45,16 @@ class BoundStep:
         *,
         returns: Any = None,
         keep_alive: Any = None,
+        m_stride: int = 0,
+        variance: int = 0,
+        variance_stride: int = 0,
+        uncond: int = 0,
+        uncond_stride: int = 0,
+        guidance: float = 1.0,
+        thresholds: int = 0,
     ) -> None:
-        """Check as fused_step does; hold ``keep_alive`` (the tensors behind the pointers) and the table."""
+        """Check as fused_step does; hold ``keep_alive`` (the tensors behind the pointers) and the table. The
+        thresholds buffer is read at every call (its owner refreshes it before)."""
     def __call__(self) -> Any:
         """Run the step; returns ``returns``."""
 
@@ -58,11 +71,42 @@ def fused_step(
     sample_offset: SupportsIndex,
     history: int = 0,
     /,
+    *,
+    m_stride: int = 0,
+    variance: int = 0,
+    variance_stride: int = 0,
+    uncond: int = 0,
+    uncond_stride: int = 0,
+    guidance: float = 1.0,
+    thresholds: int = 0,
 ) -> None:
     """out = a x + b x0 + c h + sigma z, x0 = clip(p x + q m, -clip, clip), on [n, d] float32 buffers; z = the Philox
-    normals of (seed, step, stream 0) for global samples sample_offset + row. coeffs: the row by value with Philox
-    step index ``step``; or a StepTable: row ``step``, or with step=None the counter's row, then counter -= 1.
-    history: 0 or an [n, d] buffer h (c h added, never read when c == 0; then h <- x0). out may be x or m."""
+    normals of (seed, step, stream 0) for global samples sample_offset + row. coeffs: the row by value (6 floats, or
+    8 with lv0, lv1) with Philox step index ``step``; or a StepTable: row ``step``, or with step=None the counter's
+    row, then counter -= 1. history: 0 or an [n, d] buffer h (c h added, never read when c == 0; then h <- x0).
+    out may be x or m (m contiguous). Optional operands (addresses, 0 = absent; strides in elements between
+    samples, 0 = d, else >= d): uncond u: m -> u + guidance (m - u); thresholds [n]: x0 = clamp(p x + q m, -s, s) / s
+    (clip must be +inf); variance v (needs an 8-wide row): sigma -> exp(lv0 + lv1 v) where sigma != 0."""
+
+def dynamic_thresholds(
+    x: int,
+    m: int,
+    out: int,
+    n: int,
+    d: int,
+    p: float,
+    q: float,
+    ratio: float,
+    max_value: float,
+    *,
+    m_stride: int = 0,
+    uncond: int = 0,
+    uncond_stride: int = 0,
+    guidance: float = 1.0,
+) -> None:
+    """out[k] = clamp(quantile(|p x_k + q m_k|, ratio), 1, max_value) for each sample k (torch.quantile's linear
+    interpolation; m guided as u + guidance (m - u) when uncond is given); out is an [n] float32 buffer. A sample
+    holding a NaN gets NaN."""
 
 def normal(out: int, n: int, d: int, seed: int, step: int, stream: int, sample_offset: int) -> None:
     """Fill the [n, d] float32 buffer at ``out`` with the N(0, 1) draws of (seed, step, stream)."""

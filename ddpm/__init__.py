@@ -33,6 +33,7 @@ _LAZY = {
     "read_metadata": "ddpm.artifacts",
     "reverse": "ddpm.loop",
     "ReversePlan": "ddpm.loop",
+    "SamplingOptions": "ddpm.options",
     "sample": "ddpm.runtime.sampling",
     "diffuse": "ddpm.forward",
     "denoise": "ddpm.runtime.img2img",

@@ -6,6 +6,10 @@ Three kinds of artifact carry the same metadata (docs/design.md, "Artifacts"; :m
     onnx        ``.onnx``                     ``ModelProto.metadata_props``
     tensorrt    ``.trt`` / ``.engine`` / ``.plan``   the JSON sidecar ``<engine>.json`` beside the engine
 
+and a fourth is read into the same metadata by an adapter (:mod:`.diffusers_folder`):
+
+    diffusers   a folder: ``model_index.json`` (pipeline), or ``config.json`` + ``diffusion_pytorch_model.*``
+
 Writing lives in ``ddpm.export``; reading lives here because the runtime must not import the exporter. Every
 failure (missing, truncated, corrupt or edited file) is an :class:`ArtifactError` whose one-line message names
 the file. Optional integrity checks (``verify=True``) recompute the weight / engine hashes the exporter stored.
@@ -21,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .diffusers_folder import is_diffusers_folder, read_folder
 from .errors import ArtifactError, InvalidArgumentError
 from .metadata import decode_metadata
 from .validate import MAX_JSON_BYTES, Int, Optional, Record, SchemaError, Str, check, loads_json
@@ -86,11 +91,14 @@ _SIDECAR_SPEC = Record(
 
 
 def artifact_kind(path: str | os.PathLike, *, must_exist: bool = True) -> str:
-    """``"checkpoint"`` | ``"onnx"`` | ``"tensorrt"``, from the file extension.
+    """``"checkpoint"`` | ``"onnx"`` | ``"tensorrt"``, from the file extension; ``"diffusers"`` for a diffusers
+    pipeline or model folder (:func:`ddpm.diffusers_folder.is_diffusers_folder`).
 
     Raises InvalidArgumentError for an unknown extension, ArtifactError when ``must_exist`` and the file is absent.
     """
     p = Path(path)
+    if is_diffusers_folder(p):
+        return "diffusers"
     kind = EXTENSIONS.get(p.suffix.lower())
     if kind is None:
         allowed = ", ".join(EXTENSIONS)
@@ -136,13 +144,16 @@ def onnx_weights_sha256(model: Any) -> str:
 
 
 def read_metadata(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
-    """The decoded, validated ddpm metadata of a checkpoint, ONNX file or TensorRT engine (via its sidecar).
+    """The decoded, validated ddpm metadata of a checkpoint, ONNX file, TensorRT engine (via its sidecar) or
+    diffusers folder (its configs, through the adapter; the EMA weights when it holds both).
 
     ``verify=True`` also recomputes the ONNX initializer hash / the engine file hash stored at export time and
     rejects a file whose weights were changed since (costs one full read of the file).
     """
     p = Path(path)
     kind = artifact_kind(p)
+    if kind == "diffusers":
+        return read_folder(p).meta
     if kind == "checkpoint":
         return checkpoint_metadata(p)
     if kind == "onnx":
@@ -182,7 +193,51 @@ def load_onnx(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{p}: not a readable ONNX model ({_one_line(e)})") from None
     if not model.HasField("graph") or not model.graph.output:
         raise ArtifactError(f"{p}: not a readable ONNX model (no graph; truncated or not ONNX)")
+    if _check_external_data(model, p):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:  # every location was checked above: relative, inside the model's folder, a regular file, in bounds
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as e:  # noqa: BLE001 - onnx raises ValidationError, OSError, ...
+            raise ArtifactError(f"{p}: its external data cannot be read ({_one_line(e)})") from None
     return model
+
+
+def _check_external_data(model: Any, path: Path) -> bool:
+    """True when tensors keep their data in external files, each of which is checked first (nothing is read from
+    a file that fails): the location must be a relative path inside the model's folder (a sub-folder is fine),
+    not escape it by ``..``, an absolute path or a symlink, and name a regular file (not a device) holding the
+    tensor's bytes (offset + length within its size)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    folder = path.parent.resolve()
+    external = False
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        external = True
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        where = f"{path}: tensor {tensor.name[:60]!r} keeps its data in {loc[:120]!r}"
+        rel = Path(loc)
+        if not loc or rel.is_absolute() or ".." in rel.parts:
+            raise ArtifactError(f"{where}; external data must be a relative path inside the model's folder")
+        target = (path.parent / rel).resolve()
+        if not target.is_relative_to(folder):
+            raise ArtifactError(f"{where}, which leads out of the model's folder (a symlink?); refused")
+        if not target.is_file():
+            raise ArtifactError(f"{where}, which is not a regular file; refused")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise ArtifactError(f"{where} with a non-integer offset/length") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise ArtifactError(
+                f"{where} at offset {offset}, length {length}, but that file has {size} bytes"
+            )
+    return external
 
 
 def onnx_metadata(model: Any, *, source: str, verify: bool = False) -> dict[str, Any]:

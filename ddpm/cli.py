@@ -32,11 +32,12 @@ _COMMAND_MODULES = (
     "ddpm.trainer.cli",
     "ddpm.export.cli",
     "ddpm.runtime.cli_run",
-    "ddpm.runtime.cli_bench",
+    "ddpm.bench.cli",
     "ddpm.runtime.cli_schedule",
     "ddpm.runtime.cli_image",
-    "ddpm.trainer.cli_eval",
+    "ddpm.evaluation.cli",
     "ddpm.runtime.cli_merge",
+    "ddpm.serve.cli",
 )
 
 

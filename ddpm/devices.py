@@ -8,6 +8,7 @@ once. torch and tensorrt are imported inside the functions: ``ddpm --help`` must
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ __all__ = [
     "gpu_facts",
     "find_tensorrt",
     "import_tensorrt",
+    "tensorrt_logger",
 ]
 
 # The one install hint for TensorRT. It names the package itself, which installs the same way from a source
@@ -121,3 +123,28 @@ def import_tensorrt(purpose: str = "the tensorrt backend") -> ModuleType:
     if trt is None:
         raise MissingDependencyError(f"{purpose} needs the tensorrt package ({why}); {TENSORRT_INSTALL_HINT}")
     return trt
+
+
+def tensorrt_logger(trt: ModuleType) -> object:
+    """A TensorRT logger that keeps its errors (``.errors``, for our one-line message) instead of printing them;
+    under ``DDPM_DEBUG=1`` it prints warnings and errors to stderr as TensorRT's own logger would.
+
+    TensorRT's ``trt.Logger`` writes straight to stderr, so a failing deserialisation or parse would show its
+    lines before ours (issue: foreign runtimes' logs); subclassing ``trt.ILogger`` is TensorRT's documented way
+    to route them."""
+    debug = os.environ.get("DDPM_DEBUG") == "1"
+    error, warning = int(trt.ILogger.Severity.ERROR), int(trt.ILogger.Severity.WARNING)
+
+    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: object, msg: str) -> None:
+            level = int(severity)  # type: ignore[call-overload]
+            if level <= error:
+                self.errors.append(str(msg))
+            if debug and level <= warning:
+                print(f"[tensorrt] {msg}", file=sys.stderr)
+
+    return _Logger()

@@ -192,6 +192,7 @@ def ddim_encode(
     prediction: Prediction | str = "eps",
     stop: int | None = None,
     clip: float | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM inversion: run the deterministic (eta = 0) ODE forwards from the image to entry ``stop``.
 
@@ -205,6 +206,7 @@ def ddim_encode(
         x0: images [N, *sample_shape] float32, on the model's device.
         schedule: the (possibly respaced) schedule; default ``stop = len(schedule) - 1`` reaches x_T.
         clip: bound on x0_hat (None: no clipping, which keeps the encoding closest to invertible).
+        y: the images' classes (int64 [N]) for a class-conditional model, called as ``model(x, t, y)``.
     Returns:
         x at entry ``stop`` (timestep ``schedule.timesteps[stop]``), float32 like x0.
     """
@@ -215,7 +217,10 @@ def ddim_encode(
     ts = torch.from_numpy(schedule.timesteps.copy()).to(x.device)
     for k in range(stop):
         a, b, p, q = (float(v) for v in rows[k])
-        m = model(x, ts[k : k + 1].expand(x.shape[0]).contiguous())
+        t = ts[k : k + 1].expand(x.shape[0]).contiguous()
+        m = (model(x, t) if y is None else model(x, t, y))[
+            :, : x.shape[1]
+        ]  # a learned variance: the mean half
         x0_hat = p * x + q * m
         if math.isfinite(bound):
             x0_hat = x0_hat.clamp(-bound, bound)

@@ -1,8 +1,10 @@
 """Denoisers: the DDPM UNet (Ho et al. 2020, appendix B) for images and an MLP for 2-D / vector data.
 
 Both are built from a plain config dict (``build_model``) that is stored in the checkpoint's metadata, so a
-model is rebuilt from the file alone. ``model(x, t)``: x ``[N, *sample_shape]`` float32, t ``[N]`` int64 ORIGINAL
-timesteps -> output shaped like x (eps, x0 or v, depending on how it was trained).
+model is rebuilt from the file alone. ``model(x, t, y=None)``: x ``[N, *sample_shape]`` float32, t ``[N]`` int64
+ORIGINAL timesteps -> output shaped like x (eps, x0 or v, depending on how it was trained). A UNet with
+``num_classes`` K > 0 is class-conditional (docs/design.md, "Conditional models"): y ``[N]`` int64 in 0..K is
+required, K being the null class; the MLP is unconditional.
 
 Export notes: forward has no data-dependent Python control flow (every branch depends on the config only),
 attention goes through ``F.scaled_dot_product_attention``, and the timestep embedding is computed from ``t``
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .unet2d import UNet2D, check_classes_arg
+from .unet2d_config import normalize_unet2d_config, unet2d_sample_shape
 from .validate import check_model_config
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "normalize_config",
     "count_params",
 ]
+__all__ += ["class_count", "check_classes_arg"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -134,7 +139,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM UNet. x [N, in_channels, image_size, image_size], t [N] int64 -> [N, out_channels, S, S].
+    """The DDPM UNet. x [N, in_channels, image_size, image_size], t [N] int64 (and y [N] int64 in 0..K when
+    ``num_classes`` K > 0: the class, K the null class) -> [N, out_channels, S, S].
 
     Levels i = 0..L-1 with ``base_channels * channel_mult[i]`` channels, ``num_res_blocks`` ResBlocks each
     (attention after each one at the resolutions in ``attention_resolutions``), strided-conv downsampling
@@ -152,6 +158,10 @@ class UNet(nn.Module):
         temb_dim = 4 * ch
         self.temb_in = ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # K classes and the null class K (label dropout trains it: the unconditional model of guidance), ADM's
+        # label_emb: its row is added to the time embedding. Absent for K = 0, so the keys stay the same.
+        k = cfg.get("num_classes", 0)
+        self.class_emb = nn.Embedding(k + 1, temb_dim) if k else None
         self.conv_in = nn.Conv2d(cfg["in_channels"], ch, 3, padding=1)
 
         res = cfg["image_size"]
@@ -200,8 +210,11 @@ class UNet(nn.Module):
             h = b(h, temb) if isinstance(b, ResBlock) else b(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_classes_arg(self.class_emb is not None, y)
         temb = self.temb(timestep_embedding(t, self.temb_in))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(y)
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:
@@ -244,7 +257,8 @@ class MLPDenoiser(nn.Module):
         self.norm_out = nn.LayerNorm(hid)
         self.out = nn.Linear(hid, dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_classes_arg(False, y)
         temb = F.silu(self.temb(timestep_embedding(t, self.time_dim)))
         h = self.inp(x)
         for b in self.blocks:
@@ -269,48 +283,17 @@ _MLP_DEFAULTS: dict[str, Any] = {"dim": 2, "hidden": 128, "time_dim": 64, "depth
 # second level): the paper's 16x16 for CIFAR-10, and a preset stays valid when --image-size changes.
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 8x8 digits on a 2-core CPU: 0.7M parameters, one ResBlock per level.
-    "tiny": {
-        "arch": "unet",
-        "in_channels": 1,
-        "image_size": 8,
-        "base_channels": 32,
-        "channel_mult": [1, 2],
-        "num_res_blocks": 1,
-        "dropout": 0.0,
-        "groups": 8,
-    },
-    "small": {  # 17-32 px on a CPU: 2.5M parameters, three levels, one ResBlock each
-        "arch": "unet",
-        "in_channels": 3,
-        "image_size": 32,
-        "base_channels": 48,
-        "channel_mult": [1, 2, 2],
-        "num_res_blocks": 1,
-        "dropout": 0.0,
-        "groups": 16,
-    },
-    "mnist": {
-        "arch": "unet",
-        "in_channels": 1,
-        "image_size": 28,
-        "base_channels": 64,
-        "channel_mult": [1, 2, 2],
-        "num_res_blocks": 2,
-        "dropout": 0.1,
-        "groups": 32,
-    },
-    "cifar10": {
-        "arch": "unet",
-        "in_channels": 3,
-        "image_size": 32,
-        "base_channels": 128,
-        "channel_mult": [1, 2, 2, 2],
-        "num_res_blocks": 2,
-        "dropout": 0.1,
-        "groups": 32,
-    },
+    "tiny": {"arch": "unet", "in_channels": 1, "image_size": 8, "base_channels": 32, "channel_mult": [1, 2],
+             "num_res_blocks": 1, "dropout": 0.0, "groups": 8},
+    # 17-32 px on a CPU: 2.5M parameters, three levels, one ResBlock each
+    "small": {"arch": "unet", "in_channels": 3, "image_size": 32, "base_channels": 48, "channel_mult": [1, 2, 2],
+              "num_res_blocks": 1, "dropout": 0.0, "groups": 16},
+    "mnist": {"arch": "unet", "in_channels": 1, "image_size": 28, "base_channels": 64, "channel_mult": [1, 2, 2],
+              "num_res_blocks": 2, "dropout": 0.1, "groups": 32},
+    "cifar10": {"arch": "unet", "in_channels": 3, "image_size": 32, "base_channels": 128,
+                "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "dropout": 0.1, "groups": 32},
     "mlp": {"arch": "mlp", "dim": 2, "hidden": 128, "time_dim": 64, "depth": 3},
-}
+}  # fmt: skip
 
 
 def preset_config(
@@ -328,17 +311,13 @@ def preset_config(
     cfg = copy.deepcopy(PRESETS[name])
     if cfg["arch"] == "unet":
         if dim is not None:
-            raise InvalidArgumentError(
-                f"preset {name!r} is an image UNet; it takes in_channels/image_size, not dim"
-            )
+            raise InvalidArgumentError(f"preset {name!r} is an image UNet; give in_channels/image_size")
         cfg["in_channels"] = cfg["in_channels"] if in_channels is None else in_channels
         cfg["image_size"] = cfg["image_size"] if image_size is None else image_size
         cfg.setdefault("attention_resolutions", [max(int(cfg["image_size"]) // 2, 1)])
     else:
         if in_channels is not None or image_size is not None:
-            raise InvalidArgumentError(
-                f"preset {name!r} is for vector data; it takes dim, not image geometry"
-            )
+            raise InvalidArgumentError(f"preset {name!r} is for vectors; it takes dim, not image geometry")
         cfg["dim"] = cfg["dim"] if dim is None else dim
     cfg.update(overrides)
     return normalize_config(cfg)
@@ -348,25 +327,29 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate a model config and fill defaults; the result is JSON-able and complete (what checkpoints store).
 
     Types and size caps are checked first (``ddpm.validate.check_model_config``), so a config read from a file
-    never allocates more than a real network would."""
-    if not isinstance(config, dict) or config.get("arch") not in ("unet", "mlp"):
-        raise InvalidArgumentError(
-            f"model config must be a dict with arch 'unet' or 'mlp', got {config!r:.120}"
-        )
+    never allocates more than a real network would. ``unet2d`` (diffusers' UNet2DModel): ddpm/unet2d.py."""
+    if not isinstance(config, dict) or config.get("arch") not in ("unet", "mlp", "unet2d"):
+        raise InvalidArgumentError(f"model config needs arch 'unet' or 'mlp' or 'unet2d', got {config!r:.90}")
+    if config["arch"] == "unet2d":
+        return normalize_unet2d_config(config)
     if config["arch"] == "mlp":
         cfg = {**_MLP_DEFAULTS, **config}
-        unknown = set(cfg) - set(_MLP_DEFAULTS) - {"arch"}
+        unknown = set(cfg) - set(_MLP_DEFAULTS) - {"arch", "num_classes"}
         check_model_config(cfg)
+        if cfg.pop("num_classes", 0):
+            raise InvalidArgumentError("the MLP denoiser is unconditional: num_classes must be 0")
     else:
         cfg = {**_UNET_DEFAULTS, **config}
         size = config.get("image_size")
         if "attention_resolutions" not in config and type(size) is int and size > 0:
-            cfg["attention_resolutions"] = [
-                max(size // 2, 1)
-            ]  # as preset_config: the first downsampled level
+            # as preset_config: the first downsampled level
+            cfg["attention_resolutions"] = [max(size // 2, 1)]
         cfg.setdefault("out_channels", cfg.get("in_channels"))
         unknown = set(cfg) - set(_UNET_DEFAULTS) - {"arch", "in_channels", "image_size", "out_channels"}
+        unknown.discard("num_classes")
         check_model_config(cfg)
+        if not cfg.get("num_classes", 1):  # 0 = unconditional: left out, so such configs stay as they were
+            del cfg["num_classes"]
         cfg["channel_mult"] = list(cfg["channel_mult"])
         cfg["attention_resolutions"] = sorted(set(cfg["attention_resolutions"]), reverse=True)
         cfg["dropout"] = float(cfg["dropout"])
@@ -403,13 +386,15 @@ def _check_unet_geometry(cfg: dict[str, Any]) -> None:
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The network for a config dict (``arch`` = ``unet`` | ``mlp``); ``model.config`` is the full config."""
+    """The network for a config (``arch`` unet | mlp | unet2d); ``model.config`` is the full config."""
     cfg = normalize_config(config)
-    return UNet(cfg) if cfg["arch"] == "unet" else MLPDenoiser(cfg)
+    return {"unet": UNet, "mlp": MLPDenoiser, "unet2d": UNet2D}[cfg["arch"]](cfg)
 
 
 def sample_shape(config: dict[str, Any]) -> list[int]:
     """One sample's shape for a model config: [C, H, W] for a UNet, [dim] for the MLP."""
+    if config["arch"] == "unet2d":
+        return unet2d_sample_shape(config)
     if config["arch"] == "unet":
         return [config["in_channels"], config["image_size"], config["image_size"]]
     return [config["dim"]]
@@ -418,3 +403,9 @@ def sample_shape(config: dict[str, Any]) -> list[int]:
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def class_count(config: dict[str, Any]) -> int:
+    """K, the classes a (normalized) model config is conditioned on: ``num_classes`` (unet; its table has the
+    null class K too), ``num_class_embeds`` (unet2d, diffusers' table of K rows); 0 = unconditional."""
+    return int(config.get("num_classes") or config.get("num_class_embeds") or 0)

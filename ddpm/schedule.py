@@ -10,12 +10,13 @@ Every sampler step is one affine form (docs/design.md, "The step"):
     x_prev = a_i * x + b_i * x0_hat + c_i * h + sigma_i * z
     h <- x0_hat                                      # history: the previous step's x0_hat (multistep solvers)
 
-so a step is six floats (a, b, c, p, q, sigma); :func:`coefficient_table` builds the [steps, 6] table.
+so a step is six floats (a, b, c, p, q, sigma); :func:`coefficient_table` builds the [steps, 6] table. A
+learned-range variance (ddpm sampler) adds two columns (lv0, lv1): sigma_e = exp(lv0 + lv1 v) per element, v the
+model's variance output ([steps, 8]; docs/design.md, "Operands of the step").
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .choices import Prediction, Sampler, Spacing, Variance
 from .errors import InvalidArgumentError
 from .solvers import dpmpp_2m
 from .spacing import kept_timesteps
@@ -40,83 +42,19 @@ __all__ = [
     "COEF_P",
     "COEF_Q",
     "COEF_SIGMA",
+    "COEF_LV0",
+    "COEF_LV1",
 ]
 
 # Column order of the coefficient table: x_prev = a x + b x0_hat + c h + sigma z, x0_hat = clip(p x + q m), where
 # h is the previous step's x0_hat (multistep solvers; c = 0 for DDPM and DDIM). docs/design.md, "The step".
 COEF_A, COEF_B, COEF_C, COEF_P, COEF_Q, COEF_SIGMA = range(6)
 NUM_COEFS = 6
-
-
-class _Choice(str, enum.Enum):
-    """A string enum whose parse() raises a message listing the allowed values."""
-
-    @classmethod
-    def parse(cls, value: Any) -> _Choice:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise InvalidArgumentError(f"unknown {cls._label()} {value!r}; allowed: {allowed}") from None
-
-    @classmethod
-    def _label(cls) -> str:
-        return cls.__name__.lower()
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Prediction(_Choice):
-    """What the network predicts: the noise eps, the clean sample x0, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
-
-    EPS = "eps"
-    X0 = "x0"
-    V = "v"
-
-
-class Sampler(_Choice):
-    """How a step turns x0_hat into x_prev.
-
-    ddpm: ancestral sampling (Ho et al. Algorithm 2); ddim: Song et al. eq. 12 with eta;
-    dpm++2m: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the multistep data-prediction ODE solver;
-    dpm++2m-sde: its SDE variant (diffusers' ``sde-dpmsolver++``). Derivations: docs/design.md, "Multistep solvers".
-    """
-
-    DDPM = "ddpm"
-    DDIM = "ddim"
-    DPMPP_2M = "dpm++2m"
-    DPMPP_2M_SDE = "dpm++2m-sde"
-
-    @property
-    def multistep(self) -> bool:
-        """True when a step reads the previous step's x0_hat (the history buffer h; column c may be != 0)."""
-        return self in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_SDE)
-
-    @property
-    def default_spacing(self) -> Spacing:
-        """Respacing when none is asked for: improved-diffusion's uniform one for ddpm/ddim (unchanged results),
-        trailing for the multistep solvers, whose extrapolation blurs across uniform spacing's last huge
-        lambda step onto t = 0 (ddpm/spacing.py has the measurement)."""
-        return Spacing.TRAILING if self.multistep else Spacing.UNIFORM
-
-
-class Spacing(_Choice):
-    """Which timesteps ``Schedule.respace`` keeps (ddpm/spacing.py): uniform (improved-diffusion's), trailing,
-    logsnr."""
-
-    UNIFORM = "uniform"
-    TRAILING = "trailing"
-    LOGSNR = "logsnr"
-
-
-class Variance(_Choice):
-    """DDPM reverse variance: fixed_small = posterior variance beta_tilde, fixed_large = beta (seeds' simple_var)."""
-
-    FIXED_SMALL = "fixed_small"
-    FIXED_LARGE = "fixed_large"
+KINDS = ("linear", "scaled_linear", "cosine", "custom")  # Schedule.config["kind"]
+# Two more columns for a learned-range variance (sampler ddpm, variance learned_range): sigma_e = exp(lv0 + lv1 v),
+# v the model's variance output in [-1, 1] (Nichol & Dhariwal 2021 eq. 15). Such a table is [steps, 8].
+COEF_LV0, COEF_LV1 = 6, 7
+NUM_COEFS_LEARNED = 8
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -176,6 +114,14 @@ class Schedule:
         return cls(betas, np.arange(T, dtype=np.int64), cfg)
 
     @classmethod
+    def scaled_linear(cls, timesteps: int, beta_start: float, beta_end: float) -> Schedule:
+        """sqrt(beta) rises linearly: betas = linspace(sqrt(beta_start), sqrt(beta_end), T)^2 (diffusers'
+        ``scaled_linear``, from latent diffusion)."""
+        base = cls.linear(timesteps, beta_start, beta_end)  # the same argument checks
+        betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), len(base), dtype=np.float64) ** 2
+        return cls(betas, base.timesteps, {**base.config, "kind": "scaled_linear"})
+
+    @classmethod
     def cosine(cls, timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: alphabar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2,
         betas = 1 - alphabar(t+1)/alphabar(t) clipped at max_beta."""
@@ -203,10 +149,9 @@ class Schedule:
             raise InvalidArgumentError(f"schedule config must be a dict with a 'kind', got {config!r}")
         kind = config["kind"]
         try:
-            if kind == "linear":
-                base = cls.linear(
-                    int(config["timesteps"]), float(config["beta_start"]), float(config["beta_end"])
-                )
+            if kind in ("linear", "scaled_linear"):
+                make = cls.linear if kind == "linear" else cls.scaled_linear
+                base = make(int(config["timesteps"]), float(config["beta_start"]), float(config["beta_end"]))
             elif kind == "cosine":
                 base = cls.cosine(
                     int(config["timesteps"]),
@@ -216,7 +161,7 @@ class Schedule:
             elif kind == "custom":
                 base = cls.from_betas(config["betas"])
             else:
-                raise InvalidArgumentError(f"unknown schedule kind {kind!r}; allowed: linear, cosine, custom")
+                raise InvalidArgumentError(f"unknown schedule kind {kind!r}; allowed: {', '.join(KINDS)}")
         except KeyError as e:
             raise InvalidArgumentError(
                 f"schedule config of kind {kind!r} lacks the key {e.args[0]!r}"
@@ -307,7 +252,8 @@ class Schedule:
         variance: Variance | str = "fixed_small",
         eta: float = 0.0,
     ) -> np.ndarray:
-        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 6] float64).
+        """Cached :func:`coefficient_table` of this schedule (read-only [steps, 6] float64; [steps, 8] for ddpm
+        with ``variance="learned_range"``).
 
         ``variance`` matters to ddpm only, ``eta`` to ddim only; the dpm++ samplers ignore ``variance`` and
         refuse ``eta != 0`` (see :func:`coefficient_table`)."""
@@ -342,7 +288,8 @@ def coefficient_table(
     variance: Variance | str = "fixed_small",
     eta: float = 0.0,
 ) -> np.ndarray:
-    """The [steps, 6] float64 table of (a, b, c, p, q, sigma), row i for step i (0 = cleanest).
+    """The [steps, 6] float64 table of (a, b, c, p, q, sigma), row i for step i (0 = cleanest); [steps, 8] with
+    (lv0, lv1) appended for sampler ddpm with variance learned_range.
 
     p, q turn the model output m into x0_hat = p x + q m:
         eps: (sqrt(1/ab), -sqrt(1/ab - 1))   (Ho et al. eq. 15 solved for x0)
@@ -350,6 +297,12 @@ def coefficient_table(
         x0:  (0, 1)
     DDPM: (a, b) are the posterior-mean coefficients of x_t and x0 (Ho et al. eq. 7),
         sigma = sqrt(beta_tilde) (fixed_small) or sqrt(beta) (fixed_large); sigma_0 = 0 (Algorithm 2: z = 0 at t = 1).
+        learned_range (Nichol & Dhariwal eq. 15): columns 0..5 as fixed_small, plus lv0 = (min_log + max_log) / 4
+        and lv1 = (max_log - min_log) / 4 with min_log = log(max(beta_tilde, 1e-20)), max_log = log(beta) (beta of
+        this, possibly respaced, schedule, as improved-diffusion and diffusers respace), so that the kernels'
+        sigma_e = exp(lv0 + lv1 v) = exp((frac max_log + (1 - frac) min_log) / 2), frac = (v + 1) / 2; still no
+        noise where sigma = 0 (the last step). ddim and the dpm++ samplers use the model's mean only: with
+        learned_range they get the table of fixed_small (6 columns).
     DDIM (Song et al. eq. 12): sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev),
         k = sqrt(1 - ab_prev - sigma^2), a = k / sqrt(1 - ab), b = sqrt(ab_prev) - k sqrt(ab) / sqrt(1 - ab).
     dpm++2m / dpm++2m-sde: see :func:`_dpmpp_2m`; ``variance`` is ignored (the solver fixes its own noise) and
@@ -387,9 +340,15 @@ def coefficient_table(
     if sampler is Sampler.DDPM:
         table[:, COEF_A] = (1.0 - ab_prev) * np.sqrt(schedule.alphas) / (1.0 - ab)
         table[:, COEF_B] = beta * np.sqrt(ab_prev) / (1.0 - ab)
-        var = schedule.posterior_variance if variance is Variance.FIXED_SMALL else beta
+        var = beta if variance is Variance.FIXED_LARGE else schedule.posterior_variance
         sigma = np.sqrt(var)
         sigma[0] = 0.0
+        if variance is Variance.LEARNED_RANGE:
+            min_log = np.log(np.maximum(schedule.posterior_variance, 1e-20))  # beta_tilde_0 = 0
+            max_log = np.log(beta)
+            table = np.concatenate([table, np.zeros((len(schedule), 2))], axis=1)
+            table[:, COEF_LV0] = 0.25 * (min_log + max_log)
+            table[:, COEF_LV1] = 0.25 * (max_log - min_log)
     elif sampler is Sampler.DDIM:
         sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
         k = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0))

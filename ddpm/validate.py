@@ -29,9 +29,11 @@ __all__ = [
     "MAX_PARAMS",
     "MAX_NUM_SAMPLES",
     "MAX_BATCH_ELEMENTS",
+    "MAX_CLASSES",
     "SchemaError",
     "Int",
     "Float",
+    "Bool",
     "Str",
     "ListOf",
     "Record",
@@ -58,6 +60,8 @@ MAX_PARAMS = 1 << 31
 MAX_NUM_SAMPLES = 1 << 32
 # --batch x one sample's values: 2^28 float32 values is 1 GiB per batch tensor (the loop holds a few).
 MAX_BATCH_ELEMENTS = 1 << 28
+# Classes of a conditional model (ImageNet has 1000); its class table is MAX_CLASSES x the embedding width.
+MAX_CLASSES = 100_000
 # Any string value (dataset name, versions, hashes); a real one is < 1 KB.
 MAX_STR_CHARS = 1 << 16
 # Keys of one metadata map or sidecar; real artifacts carry ~20.
@@ -107,6 +111,14 @@ class Float:
                 f"{path} must be a finite number in {lb}{self.lo:g}, {self.hi:g}{rb}, got {_show(v)}"
             )
         return float(v)
+
+
+@dataclass(frozen=True)
+class Bool:
+    def check(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise SchemaError(f"{path} must be true or false, got {_show(v)}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,18 @@ class Record:
             if k in v:
                 out[k] = spec.check(v[k], f"{path}.{k}")
         return out
+
+
+class _SampleSize:
+    """diffusers' ``sample_size``: one int (square images) or [H, W]."""
+
+    def check(self, v: Any, path: str) -> int | list[int]:
+        side = Int(1, MAX_IMAGE_SIZE)
+        if isinstance(v, list) and len(v) == 2:
+            return [side.check(s, f"{path}[{i}]") for i, s in enumerate(v)]
+        if not _is_int(v):
+            raise SchemaError(f"{path} must be an integer or [H, W] in 1..{MAX_IMAGE_SIZE}, got {_show(v)}")
+        return side.check(v, path)
 
 
 def check(spec: Any, value: Any, path: str) -> Any:
@@ -248,8 +272,19 @@ def _int_list(cfg: dict, key: str, min_len: int, max_len: int, hi: int) -> None:
         )
 
 
-def check_model_config(cfg: dict[str, Any]) -> None:
-    """Types and caps of a model config with its defaults filled in (InvalidArgumentError naming the key)."""
+def check_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Types and caps of a model config with its defaults filled in (InvalidArgumentError naming the key);
+    returns it (for ``unet2d``, with its numbers as floats where diffusers takes floats)."""
+    if cfg.get("arch") == "unet2d":
+        try:
+            cfg = {
+                "arch": "unet2d",
+                **check(_UNET2D, {k: v for k, v in cfg.items() if k != "arch"}, "model config"),
+            }
+        except SchemaError as e:
+            raise InvalidArgumentError(str(e)) from None
+        _check_params(cfg)
+        return cfg
     unet = cfg.get("arch") == "unet"
     for key in _UNET_INTS if unet else _MLP_INTS:
         v, hi = cfg.get(key), _MODEL_INT_CAPS[key]
@@ -257,12 +292,22 @@ def check_model_config(cfg: dict[str, Any]) -> None:
             raise InvalidArgumentError(
                 f"model config {key!r} must be a positive integer <= {hi}, got {_show(v)}"
             )
+    k = cfg.get("num_classes", 0)
+    if not _is_int(k) or not (0 <= k <= MAX_CLASSES):
+        raise InvalidArgumentError(
+            f"model config 'num_classes' must be an integer in 0..{MAX_CLASSES} (0: unconditional), got {_show(k)}"
+        )
     if unet:
         _int_list(cfg, "channel_mult", 1, 8, 64)
         _int_list(cfg, "attention_resolutions", 0, 16, MAX_IMAGE_SIZE)
         d = cfg["dropout"]
         if not (_is_int(d) or isinstance(d, float)) or not (0.0 <= d < 1.0):
             raise InvalidArgumentError(f"dropout must be in [0, 1), got {_show(d)}")
+    _check_params(cfg)
+    return cfg
+
+
+def _check_params(cfg: dict[str, Any]) -> None:
     n = estimate_params(cfg)
     if n > MAX_PARAMS:
         raise InvalidArgumentError(
@@ -272,12 +317,69 @@ def check_model_config(cfg: dict[str, Any]) -> None:
 
 def estimate_params(cfg: dict[str, Any]) -> int:
     """An upper bound on the parameter count of a type-checked config, computed without building it."""
+    if cfg.get("arch") == "unet2d":
+        return _estimate_unet2d(cfg)
     if cfg.get("arch") != "unet":
         h, depth = cfg["hidden"], cfg["depth"]
         return depth * (3 * h * h + 6 * h) + h * (cfg["time_dim"] + h + 2 * cfg["dim"] + 6)
     b, levels, nres = cfg["base_channels"], len(cfg["channel_mult"]), cfg["num_res_blocks"]
     c = b * max(cfg["channel_mult"])
     # A ResBlock reads at most 2c channels (up path: skip concatenated) -> <= 33 c^2 weights; attention 4 c^2;
-    # each down/up sampling conv 9 c^2; the time MLP 32 b^2; convs in/out 9 c * 64.
+    # each down/up sampling conv 9 c^2; the time MLP 32 b^2; convs in/out 9 c * 64; the class table (K + 1) 4b.
     blocks = 2 * levels * (nres + 1) + 2
-    return blocks * 37 * c * c + 18 * levels * c * c + 32 * b * b + 18 * 64 * c
+    table = (cfg.get("num_classes", 0) + 1) * 4 * b
+    return blocks * 37 * c * c + 18 * levels * c * c + 32 * b * b + 18 * 64 * c + table
+
+
+# ---- diffusers' UNet2DModel (arch "unet2d", ddpm/unet2d.py): its keys, in diffusers' names ----
+
+_CHANNELS = Int(1, 1 << 13)  # per level; real UNets use <= 1280
+_UNET2D = Record(
+    {
+        "sample_size": Optional(_SampleSize()),
+        "in_channels": Int(1, _MODEL_INT_CAPS["in_channels"]),
+        "out_channels": Int(1, 2 * _MODEL_INT_CAPS["in_channels"]),
+        "center_input_sample": Bool(),
+        "time_embedding_type": Str(("positional", "learned")),
+        "time_embedding_dim": Optional(Int(1, 1 << 16)),
+        "freq_shift": Float(0, 1 << 13),
+        "flip_sin_to_cos": Bool(),
+        "down_block_types": ListOf(Str(max_len=64), 1, 8),
+        "mid_block_type": Optional(Str(max_len=64)),
+        "up_block_types": ListOf(Str(max_len=64), 1, 8),
+        "block_out_channels": ListOf(_CHANNELS, 1, 8),
+        "layers_per_block": Int(1, 64),
+        "mid_block_scale_factor": Float(0, 1e6, open_lo=True),
+        "downsample_padding": Int(0, 1),
+        "downsample_type": Str(("conv", "resnet")),
+        "upsample_type": Str(("conv", "resnet")),
+        "dropout": Float(0, 1, open_hi=True),
+        "act_fn": Str(("silu", "swish", "mish", "gelu", "relu")),
+        "attention_head_dim": Optional(_CHANNELS),
+        "norm_num_groups": _CHANNELS,
+        "attn_norm_num_groups": Optional(_CHANNELS),
+        "norm_eps": Float(0, 1, open_lo=True),
+        "resnet_time_scale_shift": Str(("default", "scale_shift")),
+        "add_attention": Bool(),
+        "num_train_timesteps": Optional(Int(1, MAX_TIMESTEPS)),
+    },
+    {"num_class_embeds": Optional(Int(1, MAX_CLASSES))},
+)
+
+
+def _estimate_unet2d(cfg: dict[str, Any]) -> int:
+    c, levels, n = max(cfg["block_out_channels"]), len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    c0 = cfg["block_out_channels"][0]
+    e = cfg["time_embedding_dim"] or 4 * c0
+    # A ResNet block reads at most 2c channels (up path: skip concatenated): conv1 18 c^2, conv2 9 c^2, shortcut
+    # 2 c^2, time projection 2 c E; attention 4 c^2. Per level: n down and n + 1 up resnets and attentions, and a
+    # resampler each way (a 9 c^2 conv or a resnet: counted as a resnet); the mid block 2 resnets + 1 attention.
+    resnets, attentions = levels * (2 * n + 3) + 2, levels * (2 * n + 1) + 1
+    table = ((cfg["num_train_timesteps"] or 0) + (cfg.get("num_class_embeds") or 0)) * max(c0, e)
+    return (
+        resnets * (29 * c * c + 2 * c * e + 8 * c)
+        + attentions * (4 * c * c + 4 * c)
+        + e * (c0 + e + 2)
+        + table
+        + 18 * 64 * c
+    )

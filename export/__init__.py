@@ -21,6 +21,8 @@ _LAZY = {
     "ParityError": "ddpm.export.parity",
     "ParityResult": "ddpm.export.parity",
     "TOLERANCES": "ddpm.export.parity",
+    "import_diffusers": "ddpm.export.importer",
+    "ImportReport": "ddpm.export.importer",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,4 +1,4 @@
-"""``ddpm export`` and ``ddpm info``. Only typer and the standard library load with this module: the library
+"""``ddpm export``, ``ddpm info`` and ``ddpm import``. Only typer and the standard library load with this module: the library
 functions are reached through ``ddpm.export``'s lazy names when a command runs, so torch, onnx and tensorrt
 load then and ``ddpm --help`` stays fast."""
 
@@ -21,7 +21,10 @@ def export_cmd(
         typer.Option(help="unet.onnx (ONNX) or unet.trt / .engine / .plan (TensorRT engine + .json sidecar)"),
     ],
     ckpt: Annotated[
-        Path | None, typer.Option(help="checkpoint (.safetensors from `ddpm train`, or its run folder)")
+        Path | None,
+        typer.Option(
+            help="checkpoint (.safetensors from `ddpm train`, or its run folder), or a diffusers folder"
+        ),
     ] = None,
     onnx: Annotated[
         Path | None, typer.Option(help="TensorRT: build from this fp32 ONNX export instead of --ckpt")
@@ -69,7 +72,10 @@ def export_cmd(
 
 
 def info_cmd(
-    file: Annotated[Path, typer.Argument(help="a checkpoint (.safetensors), ONNX file or TensorRT engine")],
+    file: Annotated[
+        Path,
+        typer.Argument(help="a checkpoint (.safetensors), ONNX file, TensorRT engine or diffusers folder"),
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Print an artifact's metadata (weights / engine hashes verified) as a table or JSON."""
@@ -77,7 +83,42 @@ def info_cmd(
     typer.echo(json.dumps(info, indent=2, sort_keys=True) if json_out else api.format_table(info))
 
 
+def import_cmd(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="a diffusers folder: a pipeline (model_index.json, unet/, scheduler/) or a model folder "
+            "(config.json + diffusion_pytorch_model.safetensors / .bin)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="the checkpoint to write (.safetensors)")],
+    scheduler_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="scheduler_config.json for a model folder without one beside it (or in ../scheduler/)"
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="ema | main; default: the EMA weights when the folder holds both")
+    ] = None,
+) -> None:
+    """Convert a diffusers DDPM folder into a checkpoint (native network, complete metadata; no diffusers needed
+    to run, export or inspect it afterwards)."""
+    report = api.import_diffusers(
+        folder, out, scheduler_config=scheduler_config, weights=weights, log=typer.echo
+    )
+    meta, src = report.meta, report.meta["source"]
+    rec = meta.get("sampling", {})
+    typer.echo(
+        f"ok: wrote {report.out}: unet2d {meta['sample_shape']}, {report.params / 1e6:.2f}M parameters "
+        f"({src['weights_kind']} weights), prediction {meta['prediction']}, variance {meta.get('variance')}, "
+        f"schedule {meta['schedule']['kind']}; recommended {rec.get('sampler')} {rec.get('steps')} steps "
+        f"({report.seconds:.1f} s)"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``ddpm export`` and ``ddpm info`` to the CLI."""
+    """Add ``ddpm export``, ``ddpm info`` and ``ddpm import`` to the CLI."""
     app.command("export")(export_cmd)
     app.command("info")(info_cmd)
+    app.command("import")(import_cmd)

@@ -2,7 +2,9 @@
 
 Everything is read through ddpm.artifacts (the same code the runtime uses), with the integrity checks on:
 an ONNX file's initializers are hashed against ``weights_sha256``, an engine against its sidecar's
-``engine_sha256`` — so an edited or truncated file is reported, not described.
+``engine_sha256`` — so an edited or truncated file is reported, not described. A diffusers folder is read
+through its adapter (ddpm/diffusers_folder.py): the metadata it maps to, and which weight file (EMA or main)
+the runtime would load.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.artifacts import artifact_kind, load_onnx, onnx_metadata, read_metadata, sidecar_path
+from ddpm.diffusers_folder import MODEL_INDEX, read_folder
 
 __all__ = ["describe", "format_table"]
 
@@ -26,19 +29,33 @@ _ORDER = (
     "dataset",
     "step",
     "ema_decay",
+    "variance",
+    "classes",
+    "sampling",
+    "source",
     "precision",
 )
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"file", "kind", "bytes", "file_facts", "metadata"}`` for a checkpoint, ONNX file or engine (+ sidecar).
+    """``{"file", "kind", "bytes", "file_facts", "metadata"}`` for a checkpoint, ONNX file, engine (+ sidecar) or
+    diffusers folder (``bytes``: its weight file's).
 
     Raises ArtifactError (one line) for a missing, truncated, corrupt or edited file.
     """
     p = Path(path)
     kind = artifact_kind(p)
     facts: dict[str, Any] = {}
-    if kind == "onnx":
+    size = p.stat().st_size if kind != "diffusers" else 0
+    if kind == "diffusers":
+        folder = read_folder(p)
+        meta, size = folder.meta, folder.weights.stat().st_size
+        facts = {
+            "layout": "pipeline" if (p / MODEL_INDEX).is_file() else "model folder",
+            "weights": folder.weights.relative_to(p).as_posix(),
+            "weights_kind": folder.weights_kind,
+        }
+    elif kind == "onnx":
         model = load_onnx(p)
         meta = onnx_metadata(model, source=str(p), verify=True)
         facts = {
@@ -54,7 +71,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         facts = {"sidecar": sidecar_path(p).name, "engine_verified": "engine_sha256" in meta}
     else:
         meta = read_metadata(p)
-    return {"file": str(p), "kind": kind, "bytes": p.stat().st_size, "file_facts": facts, "metadata": meta}
+    return {"file": str(p), "kind": kind, "bytes": size, "file_facts": facts, "metadata": meta}
 
 
 def _onnx_shape(value_info: Any) -> str:
@@ -82,7 +99,9 @@ def format_table(info: dict[str, Any]) -> str:
     keys = [k for k in _ORDER if k in meta] + sorted(k for k in meta if k not in _ORDER)
     for k in keys:
         v = meta[k]
-        if isinstance(v, dict) and k in ("model", "schedule", "profile"):
+        if k == "classes" and isinstance(v, dict):
+            v = {sub: v.get(sub) for sub in ("count", "names", "p_uncond", "null")}
+        if isinstance(v, dict) and k in ("model", "schedule", "profile", "sampling", "source", "classes"):
             rows += [(f"{k}.{sub}", _short(sv)) for sub, sv in v.items()]
         else:
             rows.append((k, _short(v)))

@@ -1,4 +1,5 @@
-"""PyTorch denoiser -> ONNX: inputs ``x`` [N, *sample_shape] float32 and ``t`` [N] int64, output ``model_output``.
+"""PyTorch denoiser -> ONNX: inputs ``x`` [N, *sample_shape] float32, ``t`` [N] int64 and, for a class-conditional
+network, ``y`` [N] int64 (its classes; docs/design.md, "Conditional models"), output ``model_output``.
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript). On torch 2.13 the TorchScript exporter
 (``dynamo=False``) still works for these models, but it warns that it will be removed and traces
@@ -37,10 +38,12 @@ import ddpm
 from ddpm.artifacts import MAX_ONNX_IR_VERSION, onnx_weights_sha256
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.metadata import encode_metadata
+from ddpm.models import class_count
 
 __all__ = [
     "OPSET",
     "INPUT_NAMES",
+    "input_names",
     "OUTPUT_NAME",
     "max_opset",
     "check_opset",
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 OPSET = 18
-INPUT_NAMES = ("x", "t")
+INPUT_NAMES = ("x", "t")  # an unconditional denoiser's; a class-conditional one adds "y" (input_names)
 OUTPUT_NAME = "model_output"
 # The example batch used for tracing; parity then runs at other batch sizes (1 and 7) to prove the axis dynamic.
 TRACE_BATCH = 2
@@ -95,29 +98,37 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def trace_to_onnx(model: Any, sample_shape: Sequence[int], *, opset: int = OPSET) -> Any:
-    """Export ``model(x, t)`` to an ``onnx.ModelProto`` with a dynamic batch axis ``N`` (fp32, weights inline).
+def input_names(model_config: dict[str, Any]) -> tuple[str, ...]:
+    """The graph's inputs: ("x", "t"), and "y" for a class-conditional network."""
+    return (*INPUT_NAMES, "y") if class_count(model_config) else INPUT_NAMES
 
-    x: [N, *sample_shape] float32, t: [N] int64 -> model_output [N, *sample_shape] float32.
+
+def trace_to_onnx(model: Any, sample_shape: Sequence[int], *, opset: int = OPSET) -> Any:
+    """Export ``model(x, t[, y])`` to an ``onnx.ModelProto`` with a dynamic batch axis ``N`` (fp32, weights inline).
+
+    x: [N, *sample_shape] float32, t: [N] int64 (y: [N] int64 when ``model.config`` is class-conditional) ->
+    model_output [N, *output_shape] float32 (the sample shape, with 2C channels for a learned-variance model).
     """
     import torch
 
     check_opset(opset)
     model = model.to("cpu").float().eval()
+    names = input_names(getattr(model, "config", {}))
     x = torch.randn(TRACE_BATCH, *sample_shape)
     t = torch.randint(0, 1000, (TRACE_BATCH,), dtype=torch.int64)
+    y = torch.zeros(TRACE_BATCH, dtype=torch.int64)  # a class index: every row of the table is valid
     n = torch.export.Dim("N", min=1, max=1 << 16)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
                 model,
-                (x, t),
+                (x, t, y)[: len(names)],
                 None,
                 dynamo=True,
                 opset_version=opset,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes={"x": {0: n}, "t": {0: n}},
+                dynamic_shapes={name: {0: n} for name in names},
                 optimize=True,  # onnxscript optimizer: constant folding, dead-code and identity removal
                 external_data=False,  # one self-contained file (our models are far below protobuf's 2 GiB)
                 verbose=False,

@@ -25,8 +25,11 @@ from .precision import convert_to_half
 __all__ = ["export_extras", "build_onnx", "onnx_parity", "export_onnx"]
 
 
-def export_extras(ckpt: Path | None, *, opset: int, precision: str) -> dict[str, str]:
-    """Provenance keys added to the checkpoint metadata: exporter versions, opset, precision, source hash."""
+def export_extras(
+    ckpt: Path | None, *, opset: int, precision: str, meta: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Provenance keys added to the checkpoint metadata: exporter versions, opset, precision, source hash (of
+    the weight file a diffusers folder's ``meta["source"]`` names, for a folder)."""
     import onnx
     import onnxscript
     import torch
@@ -40,7 +43,9 @@ def export_extras(ckpt: Path | None, *, opset: int, precision: str) -> dict[str,
         "precision": precision,
     }
     if ckpt is not None:
-        src = resolve_checkpoint(ckpt)
+        source = (meta or {}).get("source", {})
+        imported = source.get("format") == "diffusers" and Path(ckpt).is_dir()
+        src = Path(ckpt) / source["weights"] if imported else resolve_checkpoint(ckpt)
         extra["source_checkpoint"] = src.name
         extra["checkpoint_sha256"] = file_sha256(src)
     return extra
@@ -54,7 +59,7 @@ def build_onnx(
     proto = trace_to_onnx(model, meta["sample_shape"], opset=opset)
     if precision in ("fp16", "bf16"):
         proto = convert_to_half(proto, precision)
-    proto = finalize_onnx(proto, meta, export_extras(ckpt, opset=opset, precision=precision))
+    proto = finalize_onnx(proto, meta, export_extras(ckpt, opset=opset, precision=precision, meta=meta))
     log(
         f"exported ONNX opset {proto.opset_import[0].version}, IR {proto.ir_version}, {precision}: "
         f"{graph_summary(proto)} ({time.perf_counter() - t0:.1f} s)"

@@ -1,7 +1,8 @@
 """Parity checks: an exported artifact against the PyTorch model it came from, on fresh random inputs.
 
 The check runs both sides on the same inputs (x ~ N(0, I) [N, *sample_shape] float32, t uniform over the
-model's timesteps 0..T-1 int64, N = 1 and 7 by default) and reports
+model's timesteps 0..T-1 int64, N = 1 and 7 by default; for a class-conditional model also y, uniform over its
+classes and the null class when it has one, the null class always among the rows of a batch over 1) and reports
 
     max_abs = max |out - ref|                 max_rel = max |out - ref| / max |ref|
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from ddpm.devices import resolve_device
 from ddpm.errors import ArtifactError, MissingDependencyError
-from ddpm.metadata import schedule_from_meta
+from ddpm.metadata import class_info, schedule_from_meta
 from ddpm.runtime.backends import Backend, OnnxRuntimeBackend
 from ddpm.runtime.backends.onnx_backend import import_onnxruntime
 
@@ -41,14 +42,16 @@ __all__ = [
     "ParityResult",
     "compare",
     "random_inputs",
+    "random_classes",
     "torch_reference",
     "check_parity",
     "backend_runner",
     "onnxruntime_backends",
 ]
 
-# A runner (and the reference): x [N, *sample_shape] float32, t [N] int64 -> model output shaped like x.
-Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# A runner (and the reference): x [N, *sample_shape] float32, t [N] int64 (and y [N] int64, the classes, for a
+# class-conditional model: called with a third argument only then) -> the model output.
+Runner = Callable[..., np.ndarray]
 
 TOLERANCES = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
 # Batch 1 and a batch that is neither 1 nor the batch the graph was traced with (2), nor a power of two.
@@ -101,12 +104,28 @@ def random_inputs(
     return x, t
 
 
-def torch_reference(model: Any, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+def random_classes(meta: dict[str, Any], batch: int, rng: np.random.Generator) -> np.ndarray | None:
+    """y [batch] int64 for a class-conditional artifact (None otherwise): uniform over its classes and its null
+    class, the null class in the last row (and a real class in the first) whenever the batch has two rows."""
+    info = class_info(meta)
+    if info is None:
+        return None
+    top = info.count if info.null == info.count else info.count - 1
+    y = rng.integers(0, top + 1, size=batch, dtype=np.int64)
+    if batch > 1:
+        y[0] = rng.integers(0, info.count)
+        if info.null is not None:
+            y[-1] = info.null
+    return y
+
+
+def torch_reference(model: Any, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
     """The PyTorch model's output in float32 on the CPU (exact fp32, no TF32): the parity reference."""
     import torch
 
+    args = [torch.from_numpy(x), torch.from_numpy(t)] + ([] if y is None else [torch.from_numpy(y)])
     with torch.inference_mode():
-        out = model.to("cpu").float()(torch.from_numpy(x), torch.from_numpy(t))
+        out = model.to("cpu").float()(*args)
     return out.float().numpy()
 
 
@@ -124,9 +143,10 @@ def check_parity(
 
     Inputs follow the artifact metadata ``meta``: its sample shape, and timesteps over its training schedule.
 
-    Each runner and the reference map (x [N, *sample_shape] float32, t [N] int64) to a float array shaped like
-    x. Prints one line per comparison through ``log``; raises ParityError naming the worst comparison when any
-    is over ``TOLERANCES[precision]`` (after all have run, so every figure is printed).
+    Each runner and the reference map (x [N, *sample_shape] float32, t [N] int64[, y [N] int64]) to a float
+    array shaped like x (y, :func:`random_classes`, only for a class-conditional artifact). Prints one line per
+    comparison through ``log``; raises ParityError naming the worst comparison when any is over
+    ``TOLERANCES[precision]`` (after all have run, so every figure is printed).
     """
     tol = TOLERANCES[precision]
     sample_shape, num_timesteps = meta["sample_shape"], schedule_from_meta(meta).num_timesteps
@@ -134,14 +154,16 @@ def check_parity(
     results: list[ParityResult] = []
     for batch in batches:
         x, t = random_inputs(sample_shape, batch, num_timesteps, rng)
-        ref = reference(x, t)
+        y = random_classes(meta, batch, rng)
+        args = (x, t) if y is None else (x, t, y)
+        ref = reference(*args)
         if log is not None and not np.any(ref):
             # A freshly initialised UNet outputs exactly 0 (zero-initialised output conv): nothing to compare.
             log(
                 f"note: the reference output is all zeros at batch {batch} (an untrained network?); parity is vacuous"
             )
         for label, run in runners:
-            max_abs, max_rel = compare(ref, run(x, t))
+            max_abs, max_rel = compare(ref, run(*args))
             res = ParityResult(label, batch, max_abs, max_rel, tol)
             results.append(res)
             if log is not None:
@@ -161,13 +183,13 @@ def backend_runner(backend: Backend) -> Runner:
     run on its stream; the output copied out (a backend may reuse its output buffer)."""
     import torch
 
-    def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         on_stream = (
             torch.cuda.stream(backend.stream) if backend.stream is not None else contextlib.nullcontext()
         )
+        args = [torch.from_numpy(a).to(backend.device) for a in ((x, t) if y is None else (x, t, y))]
         with on_stream:
-            y = backend(torch.from_numpy(x).to(backend.device), torch.from_numpy(t).to(backend.device))
-            return y.to("cpu", torch.float32, copy=True).numpy()
+            return backend(*args).to("cpu", torch.float32, copy=True).numpy()
 
     return run
 

@@ -151,7 +151,8 @@ def _engine_options(
 
 
 def load_checkpoint(ckpt: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """``(model, meta)`` from a checkpoint file or run folder; refuses ONNX / engine files by name."""
+    """``(model, meta)`` from a checkpoint file, run folder or diffusers folder; refuses ONNX / engine files by
+    name."""
     p = Path(ckpt)
     kind = EXTENSIONS.get(p.suffix.lower())
     if p.is_file() and kind is not None and kind != "checkpoint":

@@ -9,7 +9,9 @@ onnxruntime's transformers float16 converter is not a dependency, so this is a s
     mantissa, so the same ops stay fp32 for precision.
   * Everything computed from ``t`` alone (the sinusoidal embedding and the time MLP) stays fp32: timesteps reach
     999, where the fp16 spacing is 0.5 (bf16: 4), so sin(t * f) of a 16-bit argument is noise. A few tiny Gemms.
-- The I/O contract does not change: ``x`` float32, ``t`` int64, ``model_output`` float32 (Casts at the edges).
+    A conditional model's class embedding (a Gather on ``y``) and its sum with the time embedding too.
+- The I/O contract does not change: ``x`` float32, ``t`` (and ``y``) int64, ``model_output`` float32 (Casts at
+  the edges).
 - Casts are inserted where a tensor's precision and its consumer's differ; an fp32 weight read by 16-bit nodes
   gets a 16-bit copy (rounded once, offline) instead of a runtime Cast. Which inputs may change type is read from
   the operator schema (e.g. Resize's ``scales`` is float32 by definition and stays so).

@@ -4,7 +4,7 @@ The build (Polygraphy / TensorRT samples habits, no deprecated calls: no ``max_w
 batch, no precision builder flags):
 
     builder -> network (STRONGLY_TYPED) -> OnnxParser (every parser error printed before failing)
-    -> one optimization profile from ``--batch MIN,OPT,MAX`` for x [N, *sample_shape] and t [N]
+    -> one optimization profile from ``--batch MIN,OPT,MAX`` for x [N, *sample_shape], t [N] (and y [N])
     -> TF32 on (``tf32``) or off (``fp32``: TensorRT enables TF32 by default)
     -> timing cache loaded from / saved to ``--timing-cache`` -> ``build_serialized_network``
 
@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from ddpm.cliutil import parse_int_list
-from ddpm.devices import TENSORRT_INSTALL_HINT, find_tensorrt, gpu_facts, resolve_device
+from ddpm.devices import TENSORRT_INSTALL_HINT, find_tensorrt, gpu_facts, resolve_device, tensorrt_logger
 from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
 from ddpm.io import write_bytes_atomic
 from ddpm.metadata import decode_metadata, encode_metadata
@@ -162,7 +162,9 @@ def build_serialized_engine(
     later builds for the same GPU and TensorRT version skip kernel timing.
     """
     precision = parse_precision(precision)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(
+        trt
+    )  # its errors are kept (the parser errors are reported by _raise_parser_errors)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -208,16 +210,19 @@ def _raise_parser_errors(trt: Any, parser: Any, log: Callable[[str], None]) -> N
 def _optimization_profile(
     builder: Any, network: Any, sample_shape: Sequence[int], profile: BatchProfile
 ) -> Any:
-    """One profile over the batch axis: x [N, *sample_shape] and t [N] for N in MIN..MAX, tuned for OPT."""
+    """One profile over the batch axis: x [N, *sample_shape], t [N] (and y [N], a class-conditional graph's
+    classes) for N in MIN..MAX, tuned for OPT."""
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name == "x":
             shapes = [(b, *sample_shape) for b in (profile.min, profile.opt, profile.max)]
-        elif tensor.name == "t":
+        elif tensor.name in ("t", "y"):
             shapes = [(profile.min,), (profile.opt,), (profile.max,)]
         else:
-            raise ArtifactError(f"the ONNX graph has an unexpected input {tensor.name!r} (expected x and t)")
+            raise ArtifactError(
+                f"the ONNX graph has an unexpected input {tensor.name!r} (expected x, t and, if conditional, y)"
+            )
         opt_profile.set_shape(tensor.name, *shapes)
     return opt_profile
 

@@ -8,12 +8,15 @@ calls one library function, and writes a labelled PNG (and ``--npz``). Only type
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ddpm.errors import InvalidArgumentError
 from ddpm.io import atomic_path, check_writable
+
+if TYPE_CHECKING:
+    from ddpm.options import SamplingOptions
 
 __all__ = ["register", "parse_timesteps"]
 
@@ -106,33 +109,30 @@ def diffuse_command(
 
 
 def denoise_command(
-    engine: Path, images: list[Path], *, t: int | None, sigma: float | None, add_noise: bool,
-    steps: int | None, sampler: str, eta: float, clip: float | None, seed: int, device: str,
-    threads: int | None, out: Path, npz: Path | None,
+    engine: Path, images: list[Path], options: SamplingOptions, *, t: int | None, sigma: float | None,
+    add_noise: bool, out: Path, npz: Path | None,
 ) -> None:  # fmt: skip
     """The body of ``ddpm denoise``."""
     import torch
 
     from ddpm.images import save_image_table
 
-    from .backends import open_backend
     from .img2img import denoise_run, image_shape
+    from .sampling import open_engine
 
     _check_out(out, npz)
     if not images:
         raise InvalidArgumentError("give at least one --image")
-    with open_backend(engine, device=device, threads=threads) as backend:
+    with open_engine(engine, options) as backend:
         x = _load(images, image_shape(backend.meta, source=str(engine)))
-        r = denoise_run(
-            backend, x, t, sigma=sigma, add_noise=add_noise, steps=steps, sampler=sampler, eta=eta, clip=clip,
-            seed=seed,
-        )  # fmt: skip
+        r = denoise_run(backend, x, t, options, sigma=sigma, add_noise=add_noise)
     level = f"sigma={sigma:g} -> t={r.t}" if sigma is not None else f"t={r.t}"
     if add_noise:
         cells, cols = torch.stack([r.images, r.noisy, r.denoised], 1), ["input", f"x_t ({level})", "denoised"]
     else:
         cells, cols = torch.stack([r.images, r.denoised], 1), [f"noisy input ({level})", "denoised"]
-    title = f"{sampler}, {r.steps} steps from t={r.t}, seed {seed}"
+    sampler = r.sampler
+    title = f"{sampler}, {r.steps} steps from t={r.t}, seed {options.seed}"
     save_image_table(cells, out, col_labels=cols, row_labels=[p.name for p in images], title=title)
     typer.echo(f"wrote {out}")
     if npz is not None:
@@ -141,8 +141,8 @@ def denoise_command(
 
 
 def interpolate_command(
-    engine: Path, a: Path, b: Path, *, t: int, n: int, encode: str, steps: int | None, sampler: str | None,
-    clip: float | None, seed: int, device: str, threads: int | None, out: Path, npz: Path | None,
+    engine: Path, a: Path, b: Path, options: SamplingOptions, *, t: int, n: int, encode: str, out: Path,
+    npz: Path | None,
 ) -> None:  # fmt: skip
     """The body of ``ddpm interpolate``."""
     import numpy as np
@@ -150,20 +150,18 @@ def interpolate_command(
 
     from ddpm.images import save_image_table
 
-    from .backends import open_backend
     from .img2img import image_shape, interpolate
+    from .sampling import open_engine
 
     _check_out(out, npz)
-    with open_backend(engine, device=device, threads=threads) as backend:
+    with open_engine(engine, options) as backend:
         ends = _load([a, b], image_shape(backend.meta, source=str(engine)))
-        row = interpolate(
-            backend, ends[0], ends[1], t, n, encode=encode, steps=steps, sampler=sampler, clip=clip, seed=seed
-        )
+        row = interpolate(backend, ends[0], ends[1], t, n, options, encode=encode)
     weights = np.linspace(0.0, 1.0, n)
     cells = torch.cat([ends[:1], row, ends[1:]])[None]
     cols = ["A", *(f"w={w:.2f}" for w in weights), "B"]
     how = "same-noise lerp" if encode == "noise" else "DDIM inversion + slerp"
-    save_image_table(cells, out, col_labels=cols, title=f"interpolation at t={t}: {how}, seed {seed}")
+    save_image_table(cells, out, col_labels=cols, title=f"interpolation at t={t}: {how}, seed {options.seed}")
     typer.echo(f"wrote {out}")
     if npz is not None:
         _save_npz(npz, row, images=row, weights=weights, t=t)
@@ -176,7 +174,21 @@ _Seed = Annotated[int, typer.Option(help="Philox seed: forward eps (stream 1) an
 _Steps = Annotated[
     int | None, typer.Option(help="reverse steps N <= t+1: timesteps 0..t respaced to N (default: all t+1)")
 ]
-_Clip = Annotated[float | None, typer.Option(help="clip predicted x0 to [-C, C] (default: no clipping)")]
+_Clip = Annotated[
+    str | None,
+    typer.Option(
+        help="clip predicted x0 to [-C, C], or dynamic:RATIO[:MAX] (dynamic thresholding); default: none"
+    ),
+]
+_Class = Annotated[
+    str | None,
+    typer.Option(
+        "--class", help="class-conditional models: the class of every image (numbers or names; a list cycles)"
+    ),
+]
+_Guidance = Annotated[
+    float | None, typer.Option(help="classifier-free guidance scale S (1 = plain conditional; needs --class)")
+]
 _Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 _Threads = Annotated[int | None, typer.Option(help="CPU inference threads (default: all available)")]
 _Npz = Annotated[Path | None, typer.Option(help="npz: arr_0 uint8 NHWC outputs, float32 values beside it")]
@@ -219,9 +231,20 @@ def register(app: typer.Typer) -> None:
             typer.Option("--add-noise/--noisy", help="noise a clean image first (SDEdit) / already noisy"),
         ] = True,
         steps: _Steps = None,
-        sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpm++2m | dpm++2m-sde")] = "ddpm",
+        sampler: Annotated[
+            str | None,
+            typer.Option(
+                help="ddpm | ddim | dpm++2m | dpm++2m-sde. Default: with --add-noise (SDEdit: edit an image into a "
+                "new sample that keeps its layout) ddpm over all t+1 steps, a posterior sample; with --noisy "
+                "(restore an image that is noisy already) ddim over at most 50 steps, which follows the model's "
+                "estimate of the clean image: on held-out digits at t=500 stochastic ddpm was classified right "
+                "less often than the noisy input, ddim clearly more (README, 'Image in, image out')"
+            ),
+        ] = None,
         eta: Annotated[float, typer.Option(help="DDIM eta")] = 0.0,
         clip: _Clip = None,
+        class_: _Class = None,
+        guidance: _Guidance = None,
         seed: _Seed = 0,
         device: _Device = "auto",
         threads: _Threads = None,
@@ -231,12 +254,15 @@ def register(app: typer.Typer) -> None:
         npz: _Npz = None,
     ) -> None:
         """Denoise: the reverse process from timestep t, on a clean image noised to t (SDEdit) or a noisy one."""
+        from ddpm.options import SamplingOptions
+
         if (t is None) == (sigma is None):
             raise InvalidArgumentError("give the noise level as exactly one of --t or --sigma")
-        denoise_command(
-            engine, image, t=t, sigma=sigma, add_noise=add_noise, steps=steps, sampler=sampler, eta=eta,
-            clip=clip, seed=seed, device=device, threads=threads, out=out, npz=npz,
+        options = SamplingOptions.from_cli(
+            steps=steps, sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, threads=threads,
+            classes=class_, guidance=guidance,
         )  # fmt: skip
+        denoise_command(engine, image, options, t=t, sigma=sigma, add_noise=add_noise, out=out, npz=npz)
 
     @app.command("interpolate")
     def interpolate_cmd(
@@ -256,6 +282,8 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="decoding sampler (default: ddpm for noise, ddim for ddim)")
         ] = None,
         clip: _Clip = None,
+        class_: _Class = None,
+        guidance: _Guidance = None,
         seed: _Seed = 0,
         device: _Device = "auto",
         threads: _Threads = None,
@@ -263,7 +291,10 @@ def register(app: typer.Typer) -> None:
         npz: _Npz = None,
     ) -> None:
         """Interpolate between two images through the model's latent x_t."""
-        interpolate_command(
-            engine, a, b, t=t, n=n, encode=encode, steps=steps, sampler=sampler, clip=clip, seed=seed,
-            device=device, threads=threads, out=out, npz=npz,
+        from ddpm.options import SamplingOptions
+
+        options = SamplingOptions.from_cli(
+            steps=steps, sampler=sampler, clip=clip, seed=seed, device=device, threads=threads, classes=class_,
+            guidance=guidance,
         )  # fmt: skip
+        interpolate_command(engine, a, b, options, t=t, n=n, encode=encode, out=out, npz=npz)

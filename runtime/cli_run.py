@@ -10,30 +10,17 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ddpm.errors import InvalidArgumentError
-from ddpm.io import atomic_path, check_writable
+from ddpm.io import check_writable
 
-__all__ = ["register", "run_command", "save_npz"]
+if TYPE_CHECKING:
+    from ddpm.options import SamplingOptions
 
-
-def save_npz(samples, path: str | os.PathLike, *, precision: str = "fp32") -> Path:
-    """Write samples as ``arr_0`` in an npz, atomically: uint8 [M, H, W, C] for images (improved-diffusion /
-    guided-diffusion's layout, what FID tools read), float32 [M, D] for vectors such as 2-D points. A reduced
-    network precision is recorded beside it as a 0-d string array ``precision`` (readers of arr_0 unaffected)."""
-    import numpy as np
-
-    from ddpm.images import to_uint8_nhwc  # numpy at import: kept out of `ddpm --help`
-
-    arr = to_uint8_nhwc(samples) if samples.dim() == 4 else samples.detach().to("cpu").float().numpy()
-    with atomic_path(path, what="--npz") as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            extra = {"precision": np.array(str(precision))} if str(precision) != "fp32" else {}
-            np.savez(f, arr_0=np.ascontiguousarray(arr), **extra)
-    return Path(path)
+__all__ = ["register", "run_command"]
 
 
 class _Progress:
@@ -98,7 +85,7 @@ def _check_outputs(out: Path | None, npz: Path | None) -> Path | None:
 
 
 def _trajectory_recorder(path: Path | None, every: int | None, cuda_graph: bool):
-    """``--trajectory``'s recorder (runtime/img2img.py), checked before the run; None when the option is off."""
+    """``--trajectory``'s recorder (runtime/trajectory.py), checked before the run; None when the option is off."""
     if path is None:
         if every is not None:
             raise InvalidArgumentError("--every applies to --trajectory PNG only")
@@ -110,97 +97,44 @@ def _trajectory_recorder(path: Path | None, every: int | None, cuda_graph: bool)
             "--trajectory records every step in Python; it cannot be combined with --cuda-graph"
         )
     check_writable(path, what="--trajectory")
-    from .img2img import TrajectoryRecorder
+    from .trajectory import TrajectoryRecorder
 
     return TrajectoryRecorder(every)
 
 
 def run_command(
     engine: Path,
+    options: SamplingOptions,
     *,
-    steps: int | None,
     num_samples: int,
-    batch: int,
-    seed: int,
-    sampler: str | None,
-    eta: float,
-    variance: str,
-    clip: float | None,
-    kernel: str,
-    device: str,
-    compile: bool,
-    cuda_graph: bool,
-    threads: int | None,
-    runtime: str | None = None,
-    precision: str | None = None,
     out: Path | None,
     npz: Path | None,
     progress: bool,
     trajectory: Path | None = None,
     every: int | None = None,
-    spacing: str | None = None,
     shard: str | None = None,
 ) -> None:
     """The body of ``ddpm run``: check the outputs, call :func:`sample_run`, write what it returns."""
     # torch (and numpy) load here, not at module import: `ddpm --help` stays fast
     from ddpm.images import save_samples_png
-    from ddpm.metadata import recommended_sampling
-    from ddpm.validate import MAX_NUM_SAMPLES
 
-    from .sample_sink import SampleSink
+    from .sample_sink import SampleSink, class_extras
     from .sampling import sample_run
 
     out = _check_outputs(out, npz)
-    recorder = _trajectory_recorder(trajectory, every, cuda_graph)
-    # the options' own names in the message (the library says num_samples / batch)
-    if num_samples < 1:
-        raise InvalidArgumentError(f"--num-samples must be >= 1, got {num_samples}")
-    if num_samples > MAX_NUM_SAMPLES:  # sample indices are 32-bit Philox counter words
-        raise InvalidArgumentError(f"--num-samples must be <= {MAX_NUM_SAMPLES}, got {num_samples}")
-    if threads is not None and threads > 1024:  # the backends check the lower bound
-        raise InvalidArgumentError(f"--threads must be an integer >= 1 and <= 1024, got {threads}")
-    if batch < 1:
-        raise InvalidArgumentError(f"--batch must be >= 1, got {batch}")
-    # the sampling options, passed as they are to the split (--shard / torchrun) or the single-process run
-    sampling = dict(
-        steps=steps,
-        batch=batch,
-        seed=seed,
-        sampler=sampler,
-        eta=eta,
-        variance=variance,
-        clip=clip,
-        kernel=kernel,
-        device=device,
-        compile=compile,
-        cuda_graph=cuda_graph,
-        threads=threads,
-        runtime=runtime,
-        precision=precision,
-        spacing=spacing,
-        recommended=True,
-    )
-    given = {"sampler": sampler, "steps": steps, "clip": clip}
+    recorder = _trajectory_recorder(trajectory, every, options.cuda_graph)
     if shard is not None or os.environ.get("WORLD_SIZE", "1") != "1":  # one shard, or torchrun's ranks
         if recorder is not None:
             raise InvalidArgumentError(
                 "--trajectory records a single process's run; not with --shard/torchrun"
             )
-        from .shard_run import run_split
+        from .shard_run import Outputs, run_split
 
-        run_split(
-            engine,
-            shard,
-            num_samples,
-            npz=npz,
-            out=out,
-            echo=typer.echo,
-            **sampling,
-        )
+        run_split(engine, shard, num_samples, options, Outputs(npz, out, typer.echo))
         return
     bar = _Progress(progress)
 
-    def on_start(backend, plan) -> None:
+    def on_start(backend, plan, taken) -> None:
         meta = backend.meta
         typer.echo(f"backend: {backend.name} on {backend.device} [{backend.description}]")
         typer.echo(
@@ -209,7 +143,15 @@ def run_command(
             f"{meta['schedule'].get('timesteps', '?')} steps "
             f"({plan.schedule.config.get('spacing', 'uniform')} spacing), prediction {plan.prediction}"
         )
-        taken = {k: v for k, v in recommended_sampling(meta).items() if given[k] is None}
+        if plan.classes is not None:
+            cond = backend.meta.get("classes") or {}
+            names = cond.get("names") or []
+            shown_classes = ",".join(names[c] if c < len(names) else str(c) for c in plan.classes[:16])
+            more = ", ..." if len(plan.classes) > 16 else ""
+            typer.echo(
+                f"classes: {shown_classes}{more} (cycled over the samples), guidance {plan.guidance:g}"
+                + (" (one forward of 2N rows per step)" if plan.guided else "")
+            )
         if taken:
             shown = " ".join(
                 f"--{k} {'inf' if v is None else f'{v:g}' if isinstance(v, float) else v}"
@@ -218,8 +160,12 @@ def run_command(
             typer.echo(
                 f"defaults from the model (what its training previews used): {shown}; pass them to override"
             )
-        sink.open(tuple(plan.sample_shape), str(getattr(backend, "precision", "fp32")))
-        bar.start(-(-num_samples // batch) * plan.steps)
+        sink.open(
+            tuple(plan.sample_shape),
+            str(getattr(backend, "precision", "fp32")),
+            extras=class_extras(plan, 0, num_samples),
+        )
+        bar.start(-(-num_samples // options.batch) * plan.steps)
 
     # Batches stream into the npz and the PNG keeps the first few: memory is one batch, not --num-samples.
     # The ExitStack commits the npz only once everything succeeded; on any error its temp file is removed.
@@ -229,7 +175,7 @@ def run_command(
             result = sample_run(
                 engine,
                 num_samples,
-                **sampling,
+                options,
                 on_start=on_start,
                 on_step=bar.advance,
                 model_hook=None if recorder is None else recorder.hook,
@@ -288,13 +234,39 @@ def register(app: typer.Typer) -> None:
         ] = None,
         eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic, 1 = DDPM-like)")] = 0.0,
         variance: Annotated[
-            str, typer.Option(help="DDPM variance: fixed_small | fixed_large")
-        ] = "fixed_small",
+            str | None,
+            typer.Option(
+                help="DDPM variance: fixed_small | fixed_large | learned_range (models that output it); "
+                "default: the model's own"
+            ),
+        ] = None,
         clip: Annotated[
+            str | None,
+            typer.Option(
+                help="clip predicted x0 to [-C, C]; inf: no clipping; dynamic:RATIO[:MAX]: Imagen's dynamic "
+                "thresholding (per sample s = max(1, quantile(|x0|, RATIO)), x0 -> clip(x0, -s, s) / s; helps strong "
+                "--guidance). Default: the model's recommendation, 1 for images trained by ddpm, else none"
+            ),
+        ] = None,
+        class_: Annotated[
+            str | None,
+            typer.Option(
+                "--class",
+                help="class-conditional models: the class of every sample, or a list cycled over the samples "
+                "(sample k gets the (k mod n)-th): numbers or the model's class names, e.g. 7 or 0,1,2 or cat,dog "
+                "(`ddpm info` lists them). Default: the null class (unconditional samples)",
+            ),
+        ] = None,
+        class_names: Annotated[
+            str | None,
+            typer.Option(help="the same as --class, by the model's class names only (e.g. airplane,cat)"),
+        ] = None,
+        guidance: Annotated[
             float | None,
             typer.Option(
-                help="clip predicted x0 to [-C, C]; inf: no clipping (default: the model's recommendation, "
-                "1 for images trained by ddpm, else none)"
+                help="classifier-free guidance scale S: m = m_u + S (m_c - m_u) (diffusers' convention; 1 = plain "
+                "conditional, 0 = unconditional). One forward of 2N rows per step, the guidance fused into the "
+                "step kernel. Needs a model trained with label dropout (`ddpm train --cond class`)"
             ),
         ] = None,
         kernel: Annotated[
@@ -339,28 +311,26 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Sample: x_T from Philox, then m = backend(x, t) and x = fused step(...) for every step (ddpm.reverse)."""
+        from ddpm.options import OptionError, SamplingOptions, check_num_samples, cli_classes
+
+        try:
+            check_num_samples(num_samples)
+        except OptionError as e:
+            raise e.for_cli() from None
+        options = SamplingOptions.from_cli(
+            steps=steps, batch=batch, seed=seed, sampler=sampler, eta=eta, variance=variance, clip=clip,
+            kernel=kernel, device=device, compile=compile, cuda_graph=cuda_graph, threads=threads,
+            runtime=runtime, precision=precision, spacing=spacing, recommended=True,
+            classes=cli_classes(class_, class_names), guidance=guidance,
+        )  # fmt: skip
         run_command(
             engine,
-            steps=steps,
+            options,
             num_samples=num_samples,
-            batch=batch,
-            seed=seed,
-            sampler=sampler,
-            eta=eta,
-            variance=variance,
-            clip=clip,
-            kernel=kernel,
-            device=device,
-            compile=compile,
-            cuda_graph=cuda_graph,
-            threads=threads,
-            runtime=runtime,
-            precision=precision,
             out=out,
             npz=npz,
             progress=progress and sys.stderr is not None,
             trajectory=trajectory,
             every=every,
-            spacing=spacing,
             shard=shard,
         )

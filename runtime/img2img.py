@@ -11,8 +11,7 @@ Every backend (checkpoint, ONNX, TensorRT) and every sampler runs the same way: 
 (ddpm/loop.py) started mid-schedule. With ``steps=N`` the entries with timestep <= t are respaced to N
 (``ddpm.forward.start_schedule``), so N steps run from t down to 0. Image k's forward eps is Philox stream 1,
 sample k (ddpm/forward.py); its reverse noise is stream 0, sample k (docs/design.md, "Noise"): every output is
-a function of the seed. :class:`TrajectoryRecorder` is the ``ddpm run --trajectory`` observer.
-"""
+a function of the seed."""
 
 from __future__ import annotations
 
@@ -26,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.diffusion import q_sample
+from ddpm.diffusion import DynamicThreshold, q_sample
 from ddpm.errors import InvalidArgumentError
+from ddpm.executors import model_call
 from ddpm.forward import (
     check_timestep,
     ddim_encode,
@@ -37,16 +37,16 @@ from ddpm.forward import (
     start_schedule,
     timestep_for_sigma,
 )
-from ddpm.images import save_image_table
-from ddpm.kernels import fused_step_raw
+from ddpm.kernels import dynamic_thresholds, fused_step_raw
 from ddpm.loop import FiniteWatch, ReversePlan, StepJob, run_reverse
 from ddpm.metadata import schedule_from_meta
+from ddpm.options import SamplingOptions
 from ddpm.schedule import COEF_P, COEF_Q, Sampler
 
-from .sampling import _open
+from .sampling import image_shape, open_engine
 
 __all__ = [
-    "image_shape",
+    "image_shape",  # re-exported from .sampling
     "check_images",
     "DenoiseResult",
     "denoise_run",
@@ -54,22 +54,13 @@ __all__ = [
     "interpolate",
     "invert",
     "SharedNoiseExecutor",
-    "TrajectoryRecorder",
 ]
 
 ENCODINGS = ("noise", "ddim")
+# Steps of the deterministic sampler that restores a given noisy image by default (docs/design.md, "Image in,
+# image out"): DDIM eta = 0 follows the model's x0 estimate down to t = 0; 50 steps are as good as all t + 1.
+RESTORE_STEPS = 50
 _RANGE_SLACK = 1e-3  # clean images may overshoot [-1, 1] by rounding (a PNG round trip: 0.5/127.5)
-
-
-def image_shape(meta: dict[str, Any], *, source: str = "the engine") -> tuple[int, int, int]:
-    """The model's sample shape (C, H, W); InvalidArgumentError for a model of vectors (the 2-D MLP)."""
-    shape = tuple(int(s) for s in meta["sample_shape"])
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise InvalidArgumentError(
-            f"{source} models samples of shape {list(shape)}, not images [C, H, W] with C = 1 or 3; "
-            "image-in commands need an image model"
-        )
-    return shape  # type: ignore[return-value]
 
 
 def check_images(
@@ -101,9 +92,9 @@ def _dims(shape: Sequence[int]) -> str:
 
 
 @contextlib.contextmanager
-def _session(engine: Any, device: Any, threads: int | None):
+def _session(engine: Any, options: SamplingOptions):
     """The backend, its image shape and training schedule; on CUDA, its stream made current."""
-    with _open(engine, device=device, threads=threads) as backend:
+    with open_engine(engine, options) as backend:
         source = str(engine) if isinstance(engine, (str, os.PathLike)) else "the engine"
         shape = image_shape(backend.meta, source=source)
         dev, stream = backend.device, getattr(backend, "stream", None)
@@ -117,12 +108,28 @@ def _session(engine: Any, device: Any, threads: int | None):
 
 
 def _reverse(
-    backend: Any, x: torch.Tensor, plan: ReversePlan, start: int, kernel: Any = "fused"
+    backend: Any, x: torch.Tensor, plan: ReversePlan, start: int, kernel: Any = "fused", y: Any = None
 ) -> torch.Tensor:
     """ddpm's one loop from entry ``start`` to the sample, with the NaN/Inf watch; the result on the CPU."""
     x = x.to(backend.device)
     watch = FiniteWatch(plan.schedule, x.shape[0], device=backend.device, start=start)
-    return run_reverse(backend, x, plan, start=start, kernel=kernel, on_step=watch).to("cpu")
+    return run_reverse(backend, x, plan, start=start, kernel=kernel, on_step=watch, y=y).to("cpu")
+
+
+def _conditional_plan(schedule: Any, options: SamplingOptions, meta: dict[str, Any]) -> ReversePlan:
+    """The plan of options resolved against the artifact (its classes and null class included)."""
+    info = meta.get("classes")
+    null = info.get("null") if isinstance(info, dict) else None
+    return ReversePlan.create(schedule, options.resolve(meta)[0], prediction=meta["prediction"], null=null)
+
+
+def _class_rows(options: SamplingOptions, meta: dict[str, Any], n: int, device: Any) -> torch.Tensor | None:
+    """Image k's class: the resolved classes cycled over the images (None for an unconditional model)."""
+    classes = options.resolve(meta)[0].classes
+    if classes is None:
+        return None
+    table = torch.tensor(classes, dtype=torch.int64)
+    return table[torch.arange(n) % len(classes)].to(device)
 
 
 @dataclass
@@ -136,59 +143,47 @@ class DenoiseResult:
     t: int
     steps: int
     description: str
+    sampler: str = "ddpm"
 
 
 def denoise_run(
     engine: str | os.PathLike | Any,
     images: torch.Tensor,
     t: int | None = None,
+    options: SamplingOptions | None = None,
     *,
     sigma: float | None = None,
     add_noise: bool = True,
-    steps: int | None = None,
-    sampler: Sampler | str = "ddpm",
-    eta: float = 0.0,
-    clip: float | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    threads: int | None = None,
+    **fields: Any,
 ) -> DenoiseResult:
     """:func:`denoise` with the noisy input and the run's facts (what ``ddpm denoise`` draws)."""
     if (t is None) == (sigma is None):
         raise InvalidArgumentError(
             "give the noise level as exactly one of t (a timestep) or sigma (pixel space)"
         )
-    with _session(engine, device, threads) as (backend, shape, base):
+    opts = _options(options, fields)
+    with _session(engine, opts) as (backend, shape, base):
         x = check_images(images, shape, clean=add_noise)
         t = timestep_for_sigma(base, sigma) if sigma is not None else check_timestep(base, t)
-        schedule, start = start_schedule(base, t, steps)
+        if not add_noise and opts.sampler is None:  # restoring: the posterior mean's path, not a sample
+            opts = opts.replace(sampler=Sampler.DDIM, steps=opts.steps or min(RESTORE_STEPS, t + 1))
+        opts = opts.replace(sampler=opts.sampler or Sampler.DDPM)
+        schedule, start = start_schedule(base, t, opts.steps)
         t_start = int(schedule.timesteps[start])
         if add_noise:  # SDEdit: q_sample to the start timestep, image k with eps of sample k
-            eps = forward_noise(seed, x.shape)
+            eps = forward_noise(opts.seed, x.shape)
             x_t = q_sample(base, x, torch.full((x.shape[0],), t_start), eps)
         else:  # x is x_t already; a pixel-space sigma means x = x_t / sqrt(ab_t)
             x_t = scale_pixel_noise(base, x, t) if sigma is not None else x
-        plan = ReversePlan.parse(
-            schedule, prediction=backend.meta["prediction"], sampler=sampler, eta=eta, clip=clip, seed=seed
-        )
-        out = _reverse(backend, x_t, plan, start)
-        return DenoiseResult(x, x_t, out, t_start, start + 1, getattr(backend, "description", ""))
+        plan = _conditional_plan(schedule, opts, backend.meta)
+        y = _class_rows(opts, backend.meta, x.shape[0], backend.device)
+        out = _reverse(backend, x_t, plan, start, opts.kernel, y)
+        description = getattr(backend, "description", "")
+        return DenoiseResult(x, x_t, out, t_start, start + 1, description, str(plan.sampler))
 
 
 def denoise(
-    engine: str | os.PathLike | Any,
-    images: torch.Tensor,
-    t: int | None = None,
-    *,
-    sigma: float | None = None,
-    add_noise: bool = True,
-    steps: int | None = None,
-    sampler: Sampler | str = "ddpm",
-    eta: float = 0.0,
-    clip: float | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    threads: int | None = None,
+    engine: str | os.PathLike | Any, images: torch.Tensor, t: int | None = None, **kwargs: Any
 ) -> torch.Tensor:
     """Denoise images with the reverse process started at timestep t.
 
@@ -197,17 +192,25 @@ def denoise(
         images: [N, C, H, W] float32 in the model's sample shape. Clean images in [-1, 1] with
             ``add_noise=True`` (SDEdit: noised to t with Philox eps, stream 1, sample k); already-noisy
             images with ``add_noise=False``: x_t itself when the level is given as t, or x0 + sigma z.
-        t: the noise level as a timestep in 0..T-1; or ``sigma``: pixel-space noise std (units of the
+        t: the noise level as a timestep in 0..T-1; or ``sigma=``: pixel-space noise std (units of the
             [-1, 1] range), mapped to the t whose sqrt((1 - ab) / ab) is closest (x then scaled by sqrt(ab)).
-        steps: reverse steps N <= t + 1 (the entries with timestep <= t respaced to N); None: all t + 1.
-        sampler / eta / clip / seed: as for :func:`ddpm.reverse`; image k draws the noise of sample k.
+        add_noise: True (SDEdit, the default: noise the image to t, then sample back with DDPM, a fresh image
+            that keeps the input's layout) or False (the images are noisy already: restore them; the default
+            sampler is then deterministic DDIM with at most RESTORE_STEPS = 50 steps, which follows the model's
+            estimate of the clean image; DDPM would draw a posterior sample instead, which on the digits at
+            t = 500 is classified correctly less often than the noisy input itself).
+        options: a :class:`ddpm.SamplingOptions`, or its fields as keywords: steps (reverse steps N <= t + 1:
+            the entries with timestep <= t respaced to N; None: all t + 1), sampler / eta / clip / seed (as for
+            :func:`ddpm.reverse`; image k draws the noise of sample k), device, threads.
     Returns:
         [N, C, H, W] float32 on the CPU, in the data range [-1, 1] (exactly so with ``clip=1``).
     """
-    return denoise_run(
-        engine, images, t, sigma=sigma, add_noise=add_noise, steps=steps, sampler=sampler, eta=eta,
-        clip=clip, seed=seed, device=device, threads=threads,
-    ).denoised  # fmt: skip
+    return denoise_run(engine, images, t, **kwargs).denoised
+
+
+def _options(options: SamplingOptions | None, fields: dict[str, Any]) -> SamplingOptions:
+    options = options or SamplingOptions()
+    return options.replace(**fields) if fields else options
 
 
 class SharedNoiseExecutor:
@@ -215,17 +218,30 @@ class SharedNoiseExecutor:
     its reverse noise as Ho et al. (Sec. 4.3) fix it; one batched model call per step, one kernel call per row
     (row r is then exactly what a batch of one at that offset computes)."""
 
-    def bind(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], job: StepJob):
+    def bind(self, model: Callable[..., torch.Tensor], job: StepJob):
         x, h, plan, rows = job.x, job.history, job.plan, job.rows32
+        call = model_call(
+            model, job
+        )  # classes, guidance (one 2N forward) and a learned variance, as ddpm.reverse
+        dynamic = plan.clip if isinstance(plan.clip, DynamicThreshold) else None
+        clip = math.inf if dynamic is not None else plan.clip
 
         def step(i: int) -> torch.Tensor:
-            m = model(x, job.t(i))
+            m, v, u = call(i, x)
+            row = rows[i]
             for r in range(x.shape[0]):
-                kw = {} if h is None else {"history": h[r : r + 1]}
-                xr = x[r : r + 1]
-                fused_step_raw(
-                    xr, m[r : r + 1], rows[i], plan.clip, plan.seed, i, job.sample_offset, xr, **kw
-                )
+                one = slice(r, r + 1)
+                kw: dict[str, Any] = {} if h is None else {"history": h[one]}
+                if v is not None:
+                    kw["variance"] = v[one]
+                if u is not None:
+                    kw.update(uncond=u[one], guidance=plan.guidance)
+                if dynamic is not None:
+                    kw["thresholds"] = dynamic_thresholds(
+                        x[one], m[one], row[COEF_P], row[COEF_Q], dynamic, uncond=kw.get("uncond"),
+                        guidance=kw.get("guidance", 1.0),
+                    )  # fmt: skip
+                fused_step_raw(x[one], m[one], row, clip, plan.seed, i, job.sample_offset, x[one], **kw)
             return x
 
         return step
@@ -237,48 +253,50 @@ def interpolate(
     b: torch.Tensor,
     t: int,
     n: int,
+    options: SamplingOptions | None = None,
     *,
     encode: str = "noise",
-    steps: int | None = None,
-    sampler: Sampler | str | None = None,
-    clip: float | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    threads: int | None = None,
+    **fields: Any,
 ) -> torch.Tensor:
     """n images from A to B: both encoded at timestep t, mixed with weights w = 0, 1/(n-1), ..., 1, decoded.
 
     encode="noise" (Ho et al. 2020, Sec. 4.3): x_t of A and B with the same eps, (1 - w) x_t^A + w x_t^B, then
-    the reverse process (``sampler``, default ddpm) with the same reverse noise in every row: the ends are
+    the reverse process (the options' sampler, default ddpm) with the same reverse noise in every row: the ends are
     ``denoise(engine, A, t, seed=seed)`` and the same for B. encode="ddim" (Song et al. 2021): DDIM encoding
-    to t (t = T-1: x_T), ``slerp``, DDIM eta = 0 decoding: the ends reconstruct A and B. ``steps`` as in
-    :func:`denoise`. Returns [n, C, H, W] float32 on the CPU in [-1, 1].
+    to t (t = T-1: x_T), ``slerp``, DDIM eta = 0 decoding: the ends reconstruct A and B. ``options`` (or its
+    fields as keywords: steps, sampler, clip, seed, device, threads) as in :func:`denoise`. Returns [n, C, H, W] float32 on the CPU in [-1, 1].
     """
     if encode not in ENCODINGS:
         raise InvalidArgumentError(f"encode must be one of {', '.join(ENCODINGS)}, got {encode!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise InvalidArgumentError(f"n must be an integer >= 2 (the images from A to B), got {n!r}")
-    if encode == "ddim" and sampler not in (None, "ddim", Sampler.DDIM):
+    opts = _options(options, fields)
+    if encode == "ddim" and opts.sampler not in (None, Sampler.DDIM):
         raise InvalidArgumentError(
-            f"encode='ddim' decodes with DDIM eta = 0, the inverse of its encoding; got sampler {sampler!r}"
+            f"encode='ddim' decodes with DDIM eta = 0, the inverse of its encoding; got sampler {str(opts.sampler)!r}"
         )
     weights = np.linspace(0.0, 1.0, int(n)).tolist()
-    with _session(engine, device, threads) as (backend, shape, base):
+    with _session(engine, opts) as (backend, shape, base):
         ends = torch.cat([check_images(a, shape, name="a"), check_images(b, shape, name="b")])
         if ends.shape[0] != 2:
             raise InvalidArgumentError(f"a and b must be one image each, got {ends.shape[0]} images")
-        schedule, start = start_schedule(base, check_timestep(base, t), steps)
+        schedule, start = start_schedule(base, check_timestep(base, t), opts.steps)
         default = Sampler.DDPM if encode == "noise" else Sampler.DDIM
-        plan = ReversePlan.parse(
-            schedule, prediction=backend.meta["prediction"], sampler=sampler or default, clip=clip, seed=seed
-        )
+        plan = _conditional_plan(schedule, opts.replace(sampler=opts.sampler or default), backend.meta)
+        y = _class_rows(opts, backend.meta, 2, backend.device)  # the classes of A and B
         if encode == "noise":
-            eps = forward_noise(seed, (1, *shape)).expand(2, *shape)  # one eps for both (sample 0's)
+            eps = forward_noise(opts.seed, (1, *shape)).expand(2, *shape)  # one eps for both (sample 0's)
             xt = q_sample(base, ends, torch.full((2,), int(schedule.timesteps[start])), eps)
             w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * len(shape)))
-            return _reverse(backend, (1.0 - w) * xt[0] + w * xt[1], plan, start, SharedNoiseExecutor())
-        lat = ddim_encode(backend, ends.to(backend.device), schedule, prediction=plan.prediction, stop=start)
-        return _reverse(backend, slerp(lat[0], lat[1], weights), plan, start)
+            rows = (
+                None if y is None else y[:1].expand(len(weights)).contiguous()
+            )  # A's class for the whole row
+            return _reverse(backend, (1.0 - w) * xt[0] + w * xt[1], plan, start, SharedNoiseExecutor(), rows)
+        lat = ddim_encode(
+            backend, ends.to(backend.device), schedule, prediction=plan.prediction, stop=start, y=y
+        )
+        rows = None if y is None else y[:1].expand(len(weights)).contiguous()
+        return _reverse(backend, slerp(lat[0], lat[1], weights), plan, start, "fused", rows)
 
 
 def invert(
@@ -300,7 +318,7 @@ def invert(
         x_t [N, C, H, W] float32 on the CPU (a latent: roughly N(0, I) at t = T-1, not in [-1, 1]).
         ``denoise(engine, latents, t, add_noise=False, steps=steps, sampler="ddim")`` decodes it.
     """
-    with _session(engine, device, threads) as (backend, shape, base):
+    with _session(engine, SamplingOptions(device=device, threads=threads)) as (backend, shape, base):
         x = check_images(images, shape)
         t = base.num_timesteps - 1 if t is None else check_timestep(base, t)
         schedule, start = start_schedule(base, t, steps)
@@ -308,84 +326,3 @@ def invert(
         return ddim_encode(backend, x.to(backend.device), schedule, prediction=prediction, stop=start).to(
             "cpu"
         )
-
-
-class _Recording:
-    """A backend that shows each call's (x, m) to a :class:`TrajectoryRecorder`; everything else is the
-    backend's. ``capturable`` is False: a CUDA graph would replay the call without this Python wrapper."""
-
-    capturable = False
-
-    def __init__(self, backend: Any, recorder: TrajectoryRecorder) -> None:
-        self._backend, self._recorder = backend, recorder
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        m = self._backend(x, t)
-        self._recorder.see(x, m)
-        return m
-
-
-class TrajectoryRecorder:
-    """``ddpm run --trajectory``: x_t and x0_hat = clip(p_i x + q_i m) (docs/design.md, "The step") at steps
-    i = start, start - K, ..., and 0, for the first ``keep`` samples.
-
-    It wraps the backend (:meth:`hook`, ``sample_run``'s ``model_hook``), so it sees the exact x and model
-    output m of each step without another model call; the loop calls the model once per step, in the order
-    i = start .. 0 (ddpm.loop.StepExecutor), so the call count gives i. Nothing is copied at other steps, and
-    a run without --trajectory never creates it.
-    """
-
-    def __init__(self, every: int | None = None, keep: int = 4) -> None:
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise InvalidArgumentError(f"--every must be an integer >= 1, got {every!r}")
-        self.every, self.keep = every, keep
-        self.plan: ReversePlan | None = None
-        self.columns: list[int] = []
-        self._calls = self._have = self._take = 0
-        self._seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def hook(self, backend: Any, plan: ReversePlan) -> _Recording:
-        image_shape(backend.meta, source="--trajectory: the engine")
-        steps = plan.steps
-        every = self.every or max(1, steps // 8)
-        self.plan, self.columns = plan, sorted({*range(steps - 1, -1, -every), 0}, reverse=True)
-        return _Recording(backend, self)
-
-    def see(self, x: torch.Tensor, m: torch.Tensor) -> None:
-        plan = self.plan
-        assert plan is not None, "TrajectoryRecorder.hook must run first"
-        steps = plan.steps
-        if self._calls % steps == 0:  # a batch begins: its first rows until `keep` samples are held
-            self._take = min(self.keep - self._have, x.shape[0])
-            self._have += self._take
-        i = steps - 1 - self._calls % steps
-        self._calls += 1
-        if self._take > 0 and i in self.columns:
-            row = plan.rows32[i]
-            x0_hat = row[COEF_P] * x[: self._take] + row[COEF_Q] * m[: self._take]
-            if math.isfinite(plan.clip):
-                x0_hat = x0_hat.clamp(-plan.clip, plan.clip)
-            self._seen.setdefault(i, []).append((x[: self._take].clone(), x0_hat))
-
-    def cells(self) -> tuple[torch.Tensor, list[str], list[str]]:
-        """[2 k, columns, C, H, W]: rows sample 0 x_t, sample 0 x0_hat, sample 1 x_t, ...; and the labels."""
-        if self.plan is None or not self._seen:
-            raise InvalidArgumentError("the trajectory recorder saw no sampling run")
-        cols = [[torch.cat([pair[j] for pair in self._seen[i]]).cpu() for j in (0, 1)] for i in self.columns]
-        grid = torch.stack([torch.stack(c) for c in cols], dim=2)  # [2 (x_t, x0_hat), k, columns, ...]
-        k = grid.shape[1]
-        grid = grid.transpose(0, 1).reshape(2 * k, len(self.columns), *grid.shape[3:])
-        ts = self.plan.schedule.timesteps
-        labels = [f"t={int(ts[i])}" for i in self.columns]
-        return grid, labels, [f"#{j} {what}" for j in range(k) for what in ("x_t", "x0_hat")]
-
-    def save(self, path: str | os.PathLike) -> os.PathLike:
-        grid, cols, rows = self.cells()
-        title = f"trajectory: x_t before step and predicted x0, every {self._every_label()}"
-        return save_image_table(grid, path, col_labels=cols, row_labels=rows, title=title)
-
-    def _every_label(self) -> str:
-        return f"{self.columns[0] - self.columns[1]} steps" if len(self.columns) > 1 else "step"

@@ -20,10 +20,17 @@ import torch
 from ddpm.images import to_uint8_nhwc
 from ddpm.io import check_free_space, npz_stream
 
-__all__ = ["SampleSink", "PNG_MAX_IMAGES", "PNG_MAX_VALUES"]
+__all__ = ["SampleSink", "PNG_MAX_IMAGES", "PNG_MAX_VALUES", "class_extras"]
 
 PNG_MAX_IMAGES = 256  # a grid of more is unreadable anyway
 PNG_MAX_VALUES = 1 << 26  # float32 values kept for the picture: 256 MB
+
+
+def class_extras(plan: Any, first: int, n: int) -> dict[str, np.ndarray] | None:
+    """The npz's ``classes`` array (int64 [n]: the class each of samples first .. first + n - 1 was drawn for, what
+    ``ddpm eval --per-class`` reads), for a class-conditional plan; None otherwise."""
+    rows = plan.class_rows(first, n)
+    return None if rows is None else {"classes": rows.numpy()}
 
 
 class SampleSink:
@@ -35,8 +42,11 @@ class SampleSink:
         self.keep = 0
         self.stream: Any = None
 
-    def open(self, sample_shape: tuple[int, ...], precision: str = "fp32") -> None:
-        """Check the disk and start the npz (inside the caller's ExitStack: an error removes the temp file)."""
+    def open(
+        self, sample_shape: tuple[int, ...], precision: str = "fp32", extras: dict[str, Any] | None = None
+    ) -> None:
+        """Check the disk and start the npz (inside the caller's ExitStack: an error removes the temp file).
+        ``extras``: small arrays stored beside arr_0 (a shard's ``shard_meta`` record)."""
         values = math.prod(sample_shape)
         image = len(sample_shape) == 3
         if self.png:
@@ -51,7 +61,7 @@ class SampleSink:
             shape, dtype = (self.num_samples, *sample_shape), np.float32
         check_free_space(self.npz, math.prod(shape) * np.dtype(dtype).itemsize + (1 << 16), what="--npz")
         # a reduced network precision is recorded beside arr_0 (readers of arr_0 are unaffected)
-        extras = {"precision": np.array(precision)} if precision != "fp32" else None
+        extras = {**({"precision": np.array(precision)} if precision != "fp32" else {}), **(extras or {})}
         self.stream = self.stack.enter_context(
             npz_stream(self.npz, shape, dtype, what="--npz", extras=extras)
         )

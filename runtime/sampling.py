@@ -15,18 +15,17 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ddpm.errors import InvalidArgumentError
 from ddpm.loop import CHECK_EVERY, KERNELS, FiniteWatch, ReversePlan, StepExecutor, run_reverse
-from ddpm.metadata import recommended_sampling, schedule_from_meta
+from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
-from ddpm.schedule import Sampler, Spacing, Variance
+from ddpm.options import SamplingOptions, check_num_samples
 from ddpm.validate import MAX_BATCH_ELEMENTS, MAX_NUM_SAMPLES
 
 from .backends import open_backend
@@ -39,25 +38,17 @@ __all__ = [
     "SamplingPlan",
     "SampleRun",
     "sample_batch",
-    "run_batches",
     "sample_run",
     "sample",
+    "open_engine",
+    "image_shape",
+    "plan_run",
 ]
 
 StepCallback = Callable[[int], None]  # progress: called with the number of steps just done
 BatchCallback = Callable[[int, torch.Tensor], None]  # (sample offset, finished batch on the CPU)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < lo
-        or (hi is not None and value > hi)
-    ):
-        allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}")
-    return int(value)
+# on_start(backend, plan, taken): taken = the options filled from the model's recommendation
+StartCallback = Callable[[Any, "SamplingPlan", dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -67,45 +58,42 @@ class SamplingPlan(ReversePlan):
     Attributes:
         sample_shape: one sample's shape, e.g. (C, H, W) or (2,).
         kernel: "fused" (the C++/CUDA kernel) or "reference" (ddpm.step + noise.normal).
+        classes: a class-conditional model's classes, cycled over the global sample index (sample k gets
+            classes[k % len]), so sample k is the same image in any batch, shard or runtime; None otherwise.
     """
 
     sample_shape: tuple[int, ...] = ()
     kernel: str = "fused"
+    classes: tuple[int, ...] | None = None
+
+    def class_rows(self, first: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """int64 [n]: the classes of global samples first .. first + n - 1 (None when unconditional)."""
+        if self.classes is None:
+            return None
+        table = torch.tensor(self.classes, dtype=torch.int64)
+        return table[torch.arange(first, first + n, dtype=torch.int64) % len(self.classes)].to(device)
 
     @classmethod
-    def create(
-        cls,
-        meta: dict[str, Any],
-        *,
-        steps: int | None = None,
-        sampler: Sampler | str = "ddpm",
-        eta: float = 0.0,
-        variance: Variance | str = "fixed_small",
-        clip: float | None = None,
-        seed: int = 0,
-        kernel: str = "fused",
-        spacing: Spacing | str | None = None,
-    ) -> SamplingPlan:
-        """A plan for an artifact's (already validated) metadata; every argument is checked here, once.
-        ``spacing`` (uniform | trailing | logsnr, ddpm/spacing.py) picks the kept timesteps when ``steps`` < T;
-        None takes the sampler's default (``Sampler.default_spacing``)."""
+    def for_artifact(cls, meta: dict[str, Any], options: SamplingOptions | None = None) -> SamplingPlan:
+        """The plan of ``options`` (resolved against the artifact: ``SamplingOptions.resolve``) for an artifact's
+        validated metadata: the training schedule respaced to ``options.steps`` with ``options.spacing`` (None:
+        the sampler's default, ``Sampler.default_spacing``)."""
+        opts, _ = (options or SamplingOptions()).resolve(meta)
         base = schedule_from_meta(meta)
-        spacing = Sampler.parse(sampler).default_spacing if spacing is None else Spacing.parse(spacing)
-        schedule = (
-            base if steps is None else base.respace(_check_int("steps", steps, 1, len(base)), spacing=spacing)
-        )
-        if kernel not in KERNELS:
-            raise InvalidArgumentError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
-        return cls.parse(
+        schedule = base
+        if opts.steps is not None:
+            if opts.steps > len(base):
+                raise InvalidArgumentError(f"steps must be an integer in 1..{len(base)}, got {opts.steps}")
+            schedule = base.respace(opts.steps, spacing=opts.spacing or opts.sampler.default_spacing)
+        info = meta.get("classes")
+        return cls.create(
             schedule,
+            opts,
             prediction=meta["prediction"],
-            sampler=sampler,
-            variance=variance,
-            eta=eta,
-            clip=clip,
-            seed=seed,
+            null=info.get("null") if isinstance(info, dict) else None,
             sample_shape=tuple(int(s) for s in meta["sample_shape"]),
-            kernel=kernel,
+            kernel=opts.kernel,
+            classes=None if opts.classes is None else tuple(int(c) for c in opts.classes),
         )
 
 
@@ -129,7 +117,8 @@ def sample_batch(
     if on_step is not None:
         observers.append(lambda _i, _x: on_step(1))  # host-side bookkeeping only: no device sync
     kernel = executor if executor is not None else plan.kernel
-    return run_reverse(backend, x, plan, sample_offset=sample_offset, kernel=kernel, on_step=observers)
+    y = plan.class_rows(sample_offset, n, dev)
+    return run_reverse(backend, x, plan, sample_offset=sample_offset, kernel=kernel, on_step=observers, y=y)
 
 
 @dataclass
@@ -181,21 +170,6 @@ def graph_executor(backend: Any, plan: SamplingPlan, cuda_graph: bool) -> StepEx
     return CudaGraphExecutor() if getattr(backend, "capturable", False) else None
 
 
-def run_batches(
-    backend: Any,
-    plan: SamplingPlan,
-    num_samples: int,
-    batch: int,
-    *,
-    cuda_graph: bool = False,
-    on_step: StepCallback | None = None,
-) -> SampleRun:
-    """ceil(M / B) batches; batch b holds the global samples b*B .. min((b+1)*B, M) - 1."""
-    num_samples = _check_int("num_samples", num_samples, 1)
-    batch = _check_int("batch", batch, 1)
-    return _run_batches(backend, plan, num_samples, batch, cuda_graph, on_step)
-
-
 def _run_batches(
     backend: Any,
     plan: SamplingPlan,
@@ -243,144 +217,122 @@ def _run_batches(
 def sample_run(
     engine: str | os.PathLike | Any,
     num_samples: int,
+    options: SamplingOptions | None = None,
     *,
-    steps: int | None = None,
-    batch: int = 64,
-    seed: int = 0,
-    sampler: Sampler | str | None = "ddpm",
-    eta: float = 0.0,
-    variance: Variance | str = "fixed_small",
-    clip: float | None = None,
-    kernel: str = "fused",
-    device: str | torch.device = "auto",
-    compile: bool = False,
-    cuda_graph: bool = False,
-    threads: int | None = None,
-    runtime: str | None = None,
-    precision: str | None = None,
-    spacing: Spacing | str | None = None,
-    on_start: Callable[[Any, SamplingPlan], None] | None = None,
+    on_start: StartCallback | None = None,
     on_step: StepCallback | None = None,
     model_hook: Callable[[Any, SamplingPlan], Any] | None = None,
     on_batch: BatchCallback | None = None,
     first: int = 0,
-    recommended: bool = False,
 ) -> SampleRun:
     """:func:`sample` with the run's facts: what ``ddpm run`` calls. The artifact is opened (and its metadata
-    read) once, the plan built once; ``on_start(backend, plan)`` runs before the first batch (the CLI prints
-    its header and starts the progress bar there), ``on_step(k)`` after every k steps. ``model_hook(backend,
-    plan)`` returns what the loop calls instead of the backend (``--trajectory`` records x and m through it).
-    ``on_batch(offset, x)`` receives each finished batch (CPU float32) instead of the result keeping it, so
-    memory is bounded by the batch, not by ``num_samples``. ``first`` is the global index of the first sample
-    (a shard's start, runtime/shard.py): the run draws samples ``first .. first + num_samples - 1``.
-    ``recommended``: a ``sampler``/``steps``/``clip`` left at None takes the artifact's recommendation
-    (``ddpm.metadata.recommended_sampling``: what its training previews used), as ``ddpm run`` does."""
-    num_samples = _check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
-    first = _check_int("first", first, 0, MAX_NUM_SAMPLES - num_samples)
-    batch = _check_int("batch", batch, 1)
-    options = {"compile": compile, "threads": threads, "cuda_graph": cuda_graph}
-    with _open(engine, device=device, runtime=runtime, precision=precision, **options) as backend:
-        if recommended:
-            rec = recommended_sampling(backend.meta)
-            sampler = rec.get("sampler", "ddpm") if sampler is None else sampler
-            steps = rec.get("steps") if steps is None else steps
-            clip = rec.get("clip") if clip is None else clip
-        plan = SamplingPlan.create(
-            backend.meta,
-            steps=steps,
-            sampler="ddpm" if sampler is None else sampler,
-            eta=eta,
-            variance=variance,
-            clip=clip,
-            seed=seed,
-            kernel=kernel,
-            spacing=spacing,
+    read) once, the plan built once; ``on_start(backend, plan, taken)`` runs before the first batch (the CLI
+    prints its header and starts the progress bar there; ``taken``: the options the model's recommendation
+    filled in), ``on_step(k)`` after every k steps. ``model_hook(backend, plan)`` returns what the loop calls
+    instead of the backend (``--trajectory`` records x and m through it). ``on_batch(offset, x)`` receives each
+    finished batch (CPU float32) instead of the result keeping it, so memory is bounded by the batch, not by
+    ``num_samples``. ``first`` is the global index of the first sample (a shard's start, runtime/shard.py):
+    the run draws samples ``first .. first + num_samples - 1``."""
+    options = options or SamplingOptions()
+    num_samples = check_num_samples(num_samples)
+    if (
+        isinstance(first, bool)
+        or not isinstance(first, int)
+        or not 0 <= first <= MAX_NUM_SAMPLES - num_samples
+    ):
+        raise InvalidArgumentError(
+            f"first must be an integer in 0..{MAX_NUM_SAMPLES - num_samples}, got {first!r}"
         )
-        values = math.prod(plan.sample_shape)
-        if min(batch, num_samples) * values > MAX_BATCH_ELEMENTS:
+    with open_engine(engine, options) as backend:
+        resolved, taken, plan = plan_run(backend.meta, options, [min(options.batch, num_samples)])
+        batch = resolved.batch
+        if on_start is not None:
+            on_start(backend, plan, taken)
+        model = backend if model_hook is None else model_hook(backend, plan)
+        return _run_batches(model, plan, num_samples, batch, resolved.cuda_graph, on_step, on_batch, first)
+
+
+def plan_run(
+    meta: dict[str, Any], options: SamplingOptions, batches: Sequence[int]
+) -> tuple[SamplingOptions, dict[str, Any], SamplingPlan]:
+    """What every command that samples an artifact checks before it computes anything (``ddpm run``, ``ddpm
+    bench``, the server): the options resolved against the artifact (and what its recommendation filled in), the
+    plan (steps within its T), and each batch size's tensor within MAX_BATCH_ELEMENTS values."""
+    resolved, taken = options.resolve(meta)
+    plan = SamplingPlan.for_artifact(meta, resolved)
+    values = math.prod(plan.sample_shape)
+    for batch in batches:
+        if batch * values > MAX_BATCH_ELEMENTS:
             raise InvalidArgumentError(
                 f"batch {batch} x {values} values per sample exceeds {MAX_BATCH_ELEMENTS} values per batch tensor; "
                 f"use a batch <= {max(1, MAX_BATCH_ELEMENTS // values)}"
             )
-        if on_start is not None:
-            on_start(backend, plan)
-        model = backend if model_hook is None else model_hook(backend, plan)
-        return _run_batches(model, plan, num_samples, batch, cuda_graph, on_step, on_batch, first)
+    return resolved, taken, plan
 
 
 def sample(
     engine: str | os.PathLike | Any,
     num_samples: int,
+    options: SamplingOptions | None = None,
     *,
-    steps: int | None = None,
-    batch: int = 64,
-    seed: int = 0,
-    sampler: Sampler | str = "ddpm",
-    eta: float = 0.0,
-    variance: Variance | str = "fixed_small",
-    clip: float | None = None,
-    kernel: str = "fused",
-    device: str | torch.device = "auto",
-    compile: bool = False,
-    cuda_graph: bool = False,
-    threads: int | None = None,
-    runtime: str | None = None,
-    precision: str | None = None,
-    spacing: Spacing | str | None = None,
     shard: tuple[int, int] | None = None,
+    **fields: Any,
 ) -> torch.Tensor:
-    """Draw ``num_samples`` samples from an artifact (checkpoint, ONNX file or TensorRT engine), like ``ddpm run``.
+    """Draw ``num_samples`` samples from an artifact (checkpoint, ONNX file, TensorRT engine or diffusers folder),
+    like ``ddpm run``.
 
     Args:
         engine: a path, or an already opened backend (runtime/backends).
-        steps: sampling steps N <= T (respaced, improved-diffusion semantics); None = T.
-        spacing: which N timesteps (uniform | trailing | logsnr); None = the sampler's default (uniform for
-            ddpm/ddim, trailing for dpm++2m/dpm++2m-sde).
-        batch: samples per batch; sample k is the same for any batch size (Philox noise keyed by sample index).
-        seed / sampler / eta / variance / clip / kernel: see :func:`ddpm.reverse`; sampler is any name
-            ``ddpm.Sampler`` accepts (ddpm, ddim, dpm++2m, dpm++2m-sde).
-        device: auto | cpu | cuda | cuda:N.  compile, threads, cuda_graph: backend options (runtime/backends).
-        runtime: None (the artifact's default) | onnxruntime | openvino (ONNX on CPU).
-        precision: the network's arithmetic, fp32 | bf16 | fp16, or None for the artifact's own; the update
-            runs in float32 whatever it is. Unsupported combinations raise InvalidArgumentError.
+        options: a :class:`ddpm.SamplingOptions`, or its fields as keywords (keywords override ``options``):
+            steps (N <= T, respaced, improved-diffusion semantics; None = T), spacing (uniform | trailing |
+            logsnr; None = the sampler's default), batch (samples per batch; sample k is the same for any batch
+            size: Philox noise keyed by sample index), seed, sampler (ddpm | ddim | dpm++2m | dpm++2m-sde;
+            default ddpm), eta, variance, clip (None: no clipping), kernel (see :func:`ddpm.reverse`), device
+            (auto | cpu | cuda | cuda:N), compile / threads / cuda_graph (backend options), runtime (None: the
+            artifact's default | onnxruntime | openvino), precision (fp32 | bf16 | fp16, None: the artifact's
+            own; the update runs in float32 whatever it is). Unsupported combinations raise InvalidArgumentError.
         shard: (k, n) returns only shard k of n: the contiguous global samples k M // n .. (k + 1) M // n - 1,
             exactly those rows of the full run (runtime/shard.py).
     Returns:
         [num_samples, *sample_shape] float32 on the CPU (images in [-1, 1] scale, as trained); with ``shard``,
         [shard size, *sample_shape].
     """
+    options = options or SamplingOptions()
+    options = options.replace(**fields) if fields else options
+    num_samples = check_num_samples(num_samples)
     first, stop = Shard.parse(shard).range(num_samples) if shard is not None else (0, num_samples)
-    return sample_run(
-        engine,
-        stop - first,
-        first=first,
-        steps=steps,
-        batch=batch,
-        seed=seed,
-        sampler=sampler,
-        eta=eta,
-        variance=variance,
-        clip=clip,
-        kernel=kernel,
-        device=device,
-        compile=compile,
-        cuda_graph=cuda_graph,
-        threads=threads,
-        runtime=runtime,
-        precision=precision,
-        spacing=spacing,
-    ).samples
+    return sample_run(engine, stop - first, options, first=first).samples
 
 
-def _open(engine: Any, **options: Any) -> contextlib.AbstractContextManager:
-    """A path opens (and later closes) a backend; a backend the caller opened stays open."""
+def open_engine(engine: Any, options: SamplingOptions) -> contextlib.AbstractContextManager:
+    """The backend ``options`` ask for: a path opens (and later closes) one; a backend the caller opened stays
+    open (its precision was fixed when it opened: asking for another is refused)."""
     if isinstance(engine, (str, os.PathLike)):
-        return open_backend(engine, **options)
+        return open_backend(
+            engine,
+            device=options.device,
+            compile=options.compile,
+            threads=options.threads,
+            cuda_graph=options.cuda_graph,
+            runtime=options.runtime,
+            precision=options.precision,
+        )
     if not callable(engine) or not hasattr(engine, "meta") or not hasattr(engine, "device"):
         raise InvalidArgumentError(f"engine must be a path or an open backend, got {type(engine).__name__}")
-    want, have = options.get("precision"), str(getattr(engine, "precision", "fp32"))
-    if want is not None and str(want).lower() != have:  # an open backend's precision was fixed when it opened
+    want, have = options.precision, str(getattr(engine, "precision", "fp32"))
+    if want is not None and str(want) != have:
         raise InvalidArgumentError(
-            f"precision {want!r} asked of an open {have} backend; open it with that precision"
+            f"precision {str(want)!r} asked of an open {have} backend; open it with that precision"
         )
     return contextlib.nullcontext(engine)
+
+
+def image_shape(meta: dict[str, Any], *, source: str = "the engine") -> tuple[int, int, int]:
+    """The model's sample shape (C, H, W); InvalidArgumentError for a model of vectors (the 2-D MLP)."""
+    shape = tuple(int(s) for s in meta["sample_shape"])
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise InvalidArgumentError(
+            f"{source} models samples of shape {list(shape)}, not images [C, H, W] with C = 1 or 3; "
+            "image-in commands need an image model"
+        )
+    return shape  # type: ignore[return-value]

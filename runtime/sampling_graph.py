@@ -4,7 +4,8 @@ replays it for every step of the loop.
 What the graph holds (captured once per loop call):
 
     t   <- timesteps[counter]           # index_select on the device: the step counter never visits the host
-    m   <- model(x, t)                  # torch model / TensorRT enqueue on the capturing stream
+    m   <- model(x, t[, y])             # torch model / TensorRT enqueue on the capturing stream (2N rows when
+                                        # guided: [x; x] with classes [y; null])
     x   <- fused step, row [counter]    # DeviceStepTable reads (a, b, c, p, q, sigma) and the Philox step index
                                         # from device memory and decrements the counter
 
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 
 from ddpm.errors import InvalidArgumentError
+from ddpm.executors import StepJob, split_output
 from ddpm.kernels import DeviceStepTable
-from ddpm.loop import StepJob
 
 __all__ = ["CudaGraphExecutor"]
 
@@ -37,20 +38,33 @@ class CudaGraphExecutor:
         # eager iterations before capture: lazy initialisation, cuDNN/cuBLAS autotuning, torch.compile
         self.warmup = warmup
 
-    def bind(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], job: StepJob):
+    def bind(self, model: Callable[..., torch.Tensor], job: StepJob):
         x, dev, n = job.x, job.x.device, job.x.shape[0]
         if dev.type != "cuda":
             raise InvalidArgumentError(f"CUDA-graph sampling needs x on a CUDA device, got {dev}")
         plan = job.plan
         table = DeviceStepTable(job.table, plan.clip, plan.seed, job.sample_offset, dev)
-        t = torch.empty(n, dtype=torch.int64, device=dev)
+        # Guidance: ONE forward of the 2N rows [x; x] with classes [y; null], as the eager executors do
+        # (ddpm/executors.py, model_call); the captured kernel forms m_u + S (m_c - m_u) in the update.
+        rows = 2 * n if plan.guided else n
+        t = torch.empty(rows, dtype=torch.int64, device=dev)
+        labels = None
+        if job.y is not None:
+            null = torch.full_like(job.y, plan.null if plan.null is not None else 0)
+            labels = torch.cat([job.y, null]) if plan.guided else job.y if plan.guidance == 1.0 else null
         kw: dict[str, Any] = {} if job.history is None else {"history": job.history}
+        learned = plan.learned_variance
 
         def one_step(xbuf: torch.Tensor) -> None:
             # t from the table's device counter (read before table.step decrements it): no host value captured
-            t.copy_(job.timesteps.index_select(0, table.counter).expand(n))
-            m = model(xbuf, t)
-            table.step(xbuf, m, out=xbuf, **kw)
+            t.copy_(job.timesteps.index_select(0, table.counter).expand(rows))
+            xin = torch.cat([xbuf, xbuf]) if plan.guided else xbuf
+            out = model(xin, t) if labels is None else model(xin, t, labels)
+            m, v = split_output(out[:n], xbuf, learned)
+            extra = dict(kw, variance=v)
+            if plan.guided:
+                extra.update(uncond=split_output(out[n:], xbuf, False)[0], guidance=plan.guidance)
+            table.step(xbuf, m, xbuf, **extra)
 
         # Warm-up on a scratch copy, on a side stream (torch.cuda.graph's documented recipe); x stays as given.
         # The history it writes is harmless: row `start` never reads h (StepJob makes it first order).

@@ -12,7 +12,6 @@ settings differ.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ddpm.artifacts import file_sha256
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.io import npz_stream
 from ddpm.validate import MAX_JSON_BYTES, MAX_NUM_SAMPLES
@@ -47,6 +47,8 @@ SETTINGS = (
     "runtime",
     "sample_shape",
     "num_samples",
+    "classes",
+    "guidance",
 )
 
 
@@ -92,21 +94,16 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_record(
     engine: str | os.PathLike, plan: Any, shard: Shard, num_samples: int, **settings: Any
 ) -> dict[str, Any]:
     """The JSON record of one shard: the engine, every setting that changes a sample, and its range.
     ``plan`` is the run's SamplingPlan; ``settings`` adds kernel, precision and runtime."""
     start, stop = shard.range(num_samples)
-    clip = None if math.isinf(plan.clip) else float(plan.clip)  # inf is not JSON
+    if isinstance(plan.clip, float):
+        clip: Any = None if math.isinf(plan.clip) else float(plan.clip)  # inf is not JSON
+    else:
+        clip = str(plan.clip)  # a dynamic threshold, as its CLI text
     return {
         "format": SHARD_FORMAT,
         "engine": str(Path(engine).resolve()),
@@ -119,6 +116,8 @@ def shard_record(
         "clip": clip,
         "variance": str(plan.variance),
         "sample_shape": [int(s) for s in plan.sample_shape],
+        "classes": None if plan.classes is None else [int(c) for c in plan.classes],
+        "guidance": float(plan.guidance),
         "num_samples": int(num_samples),
         "shard": [shard.index, shard.count],
         "range": [start, stop],
@@ -144,6 +143,9 @@ def _read_record(path: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
         rec = json.loads(str(raw))
     except ValueError:
         raise ArtifactError(f"{path}: {SHARD_META} is not valid JSON") from None
+    if isinstance(rec, dict):  # shards written before conditional models: unconditional
+        rec.setdefault("classes", None)
+        rec.setdefault("guidance", 1.0)
     if not isinstance(rec, dict) or rec.get("format") != SHARD_FORMAT or any(k not in rec for k in SETTINGS):
         raise ArtifactError(f"{path}: {SHARD_META} is not a {SHARD_FORMAT} record")
     try:
@@ -198,7 +200,10 @@ def _write_merged(npz: Path, ordered: list[Path], rec: dict[str, Any], shape: tu
     # The same writer and extras as a single `ddpm run --npz`: the merged file equals that run's byte for byte.
     with np.load(ordered[0], allow_pickle=False) as z:
         dtype = z["arr_0"].dtype
-    extras = {"precision": np.array(rec["precision"])} if rec["precision"] != "fp32" else None
+    extras: dict[str, Any] = {"precision": np.array(rec["precision"])} if rec["precision"] != "fp32" else {}
+    if rec["classes"]:  # the class of every sample, as ddpm run's npz holds it
+        classes = np.asarray(rec["classes"], dtype=np.int64)
+        extras["classes"] = classes[np.arange(rec["num_samples"]) % len(classes)]
     with npz_stream(npz, (rec["num_samples"], *shape[1:]), dtype, what="--npz", extras=extras) as out:
         for path in ordered:  # one shard in memory at a time
             with np.load(path, allow_pickle=False) as z:

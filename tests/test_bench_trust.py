@@ -1,6 +1,6 @@
 """`ddpm bench` withholds its verdict on a busy machine (issue #16).
 
-The decision (runtime/bench_trust.py, ``judge``/``assess``) is fed made-up quiet and busy figures; then the real
+The decision (bench/trust.py, ``judge``/``assess``) is fed made-up quiet and busy figures; then the real
 bench runs once beside a real CPU hog (2 x cores busy-loop processes) and must withhold its verdict, with the
 reasons and the conditions in its JSON. No test asserts a quiet verdict from a real run: the test machine may be
 busy itself.
@@ -16,9 +16,8 @@ import time
 import pytest
 from _runtime_models import shared_artifacts
 
-from ddpm.cli import main
-from ddpm.devices import default_cpu_threads
-from ddpm.runtime.bench_trust import (
+from ddpm.bench.timing import CpuMeter, CpuUse
+from ddpm.bench.trust import (
     THRESHOLDS,
     Figures,
     MachineClock,
@@ -28,7 +27,8 @@ from ddpm.runtime.bench_trust import (
     judge,
     verdict_line,
 )
-from ddpm.runtime.timing import CpuMeter, CpuUse
+from ddpm.cli import main
+from ddpm.devices import default_cpu_threads
 
 
 def _rows(**spec: tuple) -> dict[str, RowFigures]:

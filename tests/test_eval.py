@@ -14,19 +14,13 @@ import torch
 
 from ddpm import cli
 from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.evaluation.evaluate import evaluate, evaluate_report
+from ddpm.evaluation.features import reference_labels, train_classifier
+from ddpm.evaluation.inception import FIDInceptionV3, inception_pool3, load_fid_inception
+from ddpm.evaluation.metrics import feature_stats, frechet_distance, precision_recall
+from ddpm.evaluation.reference import build_reference_stats, complement_stats, save_reference
 from ddpm.images import to_uint8_nhwc
-from ddpm.trainer import cli_eval
 from ddpm.trainer.data import swissroll
-from ddpm.trainer.evaluate import evaluate, evaluate_report
-from ddpm.trainer.features import reference_labels, train_classifier
-from ddpm.trainer.inception import FIDInceptionV3, inception_pool3, load_fid_inception
-from ddpm.trainer.metrics import feature_stats, frechet_distance, precision_recall
-from ddpm.trainer.reference import build_reference_stats, complement_stats, save_reference
-
-# The command joins the app when ddpm/cli.py lists its module; until then (and harmlessly after) add it here,
-# so the tests go through cli.main: the one place that turns errors into one line and exit code 2.
-if "eval" not in [c.name for c in cli.app.registered_commands]:
-    cli_eval.register(cli.app)
 
 
 def _digits_u8() -> np.ndarray:
@@ -226,6 +220,18 @@ def test_labels_of_cifar10_and_mnist_files(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx)
     assert reference_labels(f"mnist:{tmp_path}", 2).tolist() == [4, 1]
     assert reference_labels(f"folder:{tmp_path}", 2) is None
+
+
+def test_labels_of_a_folder_of_class_subfolders(tmp_path):
+    from PIL import Image
+
+    for name, n in (("dog", 2), ("cat", 1)):
+        (tmp_path / name).mkdir()
+        for k in range(n):
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / f"{k}.png")
+    assert reference_labels(f"folder:{tmp_path}", 3).tolist() == [0, 1, 1]  # cat, then dog: sorted names
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "loose.png")
+    assert reference_labels(f"folder:{tmp_path}", 4) is None  # not one sub-folder per class: unlabelled
 
 
 # ---- points ----

@@ -29,9 +29,11 @@ from ddpm.forward import (
 from ddpm.images import load_image
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise
+from ddpm.options import SamplingOptions
 from ddpm.runtime.backends import open_backend
-from ddpm.runtime.img2img import TrajectoryRecorder, denoise, denoise_run, interpolate, invert
+from ddpm.runtime.img2img import denoise, denoise_run, interpolate, invert
 from ddpm.runtime.sampling import sample_run
+from ddpm.runtime.trajectory import TrajectoryRecorder
 from ddpm.schedule import Schedule
 
 LINEAR = Schedule.linear(1000)
@@ -255,15 +257,14 @@ def test_bad_inputs_name_the_problem(art):
 
 def test_trajectory_recorder_sees_the_run(art):
     rec = TrajectoryRecorder(every=4)
-    run = sample_run(
-        art["unet"][1], 5, steps=10, batch=3, seed=4, device="cpu", threads=1, model_hook=rec.hook
-    )
+    opts = SamplingOptions(steps=10, batch=3, seed=4, device="cpu", threads=1)
+    run = sample_run(art["unet"][1], 5, opts, model_hook=rec.hook)
     grid, cols, rows = rec.cells()
     assert rec.columns == [9, 5, 1, 0] and cols == ["t=999", "t=555", "t=111", "t=0"]
     assert grid.shape == (8, 4, 1, 8, 8) and rows[:2] == ["#0 x_t", "#0 x0_hat"]  # 4 samples over 2 batches
     torch.testing.assert_close(grid[0::2, 0], initial_noise(4, (4, 1, 8, 8)), rtol=0, atol=0)  # x_T
     torch.testing.assert_close(grid[1::2, -1], run.samples[:4], rtol=1e-6, atol=1e-6)  # step 0: x0_hat
-    plain = sample_run(art["unet"][1], 5, steps=10, batch=3, seed=4, device="cpu", threads=1)
+    plain = sample_run(art["unet"][1], 5, opts)
     torch.testing.assert_close(plain.samples, run.samples, rtol=0, atol=0)  # watching changes nothing
 
 
@@ -367,18 +368,9 @@ def test_cli_bad_input_exits_2_with_one_line(art, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    from ddpm.trainer.train import TrainConfig, train
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the dataset defaults, as `ddpm train --data digits --seed 0` (runs/acc/digits was trained so)
-        cfg = TrainConfig(
-            data="digits", out=tmp_path_factory.mktemp("digits"), seed=0, threads=1, progress=False
-        )
-        return train(cfg)
-    finally:
-        torch.set_num_threads(old)
+def digits_model(digits_reference):
+    """The session's default digits model (tests/_reference.py: `ddpm train --data digits --seed 0`, the model these figures were measured on)."""
+    return digits_reference
 
 
 def _bayes_accuracy(xt: torch.Tensor, ab: float, y_test: np.ndarray) -> float:
@@ -388,7 +380,7 @@ def _bayes_accuracy(xt: torch.Tensor, ab: float, y_test: np.ndarray) -> float:
     from scipy.special import logsumexp
     from sklearn.datasets import load_digits
 
-    from ddpm.trainer.metrics import _digits_classifier
+    from ddpm.evaluation.metrics import _digits_classifier
 
     d = load_digits()
     prior = d.images.reshape(len(d.images), -1) / 8.0 - 1.0
@@ -407,7 +399,7 @@ def _bayes_accuracy(xt: torch.Tensor, ab: float, y_test: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_digits_denoising_and_inversion(digits_model):
-    from ddpm.trainer.metrics import _digits_classifier
+    from ddpm.evaluation.metrics import _digits_classifier
 
     # 300 digits the classifier never saw (its held-out split); the diffusion model trained on all 1797 digits
     clf, x_test, y_test = _digits_classifier()
@@ -418,7 +410,11 @@ def test_digits_denoising_and_inversion(digits_model):
 
     with open_backend(digits_model, device="cpu", threads=1) as b:
         for t in (300, 500):
-            r = denoise_run(b, x, t, steps=50, sampler="ddim", clip=1.0, seed=0)
+            # x_t of seed 0 (SDEdit's forward noise, one cheap step), then `ddpm denoise --noisy --clip 1` with its
+            # default sampler and steps (deterministic DDIM, <= 50): the restore path a user gets
+            noisy = denoise_run(b, x, t, steps=1, sampler="ddim", seed=0).noisy
+            r = denoise_run(b, noisy, t, add_noise=False, clip=1.0, seed=0)
+            assert r.sampler == "ddim" and r.steps == 50
             acc_noisy, acc_out = accuracy(r.noisy), accuracy(r.denoised)
             best = _bayes_accuracy(r.noisy, float(schedule_from_meta(b.meta).alphas_cumprod[t]), y_test)
             mse_noisy = float((r.noisy.clamp(-1, 1) - x).pow(2).mean())

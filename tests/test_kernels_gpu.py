@@ -16,7 +16,7 @@ import torch
 
 import ddpm
 import ddpm.noise as noise
-from ddpm.kernels import DeviceStepTable, fused_step_raw
+from ddpm.kernels import DeviceStepTable, dynamic_thresholds, fused_step_raw
 
 pytestmark = pytest.mark.gpu
 
@@ -134,3 +134,118 @@ def test_device_step_table_in_a_captured_cuda_graph(rng):
     # One replay too many: the counter is outside the table, and the kernel writes NaN rather than read past it.
     graph.replay()
     assert bool(torch.isnan(x).all())
+
+
+# ---------------------------------------------------------------- optional operands (docs/design.md, "Operands of the step")
+# Same tolerance as tests/test_kernel_operands.py: 1e-6 of the term scale, where the guided output contributes
+# |u| + |S| (|m| + |u|) and the learned sigma_e z term carries the factor (1 + |lv0| + |lv1 v|) (the exponent's
+# absolute rounding). z is the CUDA kernel's own (ddpm.noise.normal on the device), so both sides draw the same.
+
+
+def _operand_scale(row, x, m, u, guidance, v, z, h=None):
+    a, b, c, p, q, sigma = row[:6]
+    mg = m.abs() if u is None else u.abs() + abs(guidance) * (m.abs() + u.abs())
+    scale = (a * x).abs() + abs(b) * ((p * x).abs() + abs(q) * mg)
+    if h is not None:
+        scale = scale + (c * h).abs()
+    if sigma != 0.0:
+        if len(row) == 8:
+            scale = scale + (torch.exp(row[6] + row[7] * v) * z).abs() * (
+                1 + abs(row[6]) + (row[7] * v).abs()
+            )
+        else:
+            scale = scale + (sigma * z).abs()
+    return scale.double() + 1e-30
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (3, 5, 7, 11)])  # float4 path / scalar path
+@pytest.mark.parametrize("clip", [None, 1.0, ddpm.diffusion.DynamicThreshold(0.95, 3.0)], ids=str)
+@pytest.mark.parametrize("guidance", [None, 1.0, 3.5])
+def test_cuda_learned_guided_thresholded_step_equals_reference(shape, clip, guidance, rng):
+    """m, v (and uncond) as strided views of [N, 2C, ...] model outputs on the device; the fused CUDA step equals
+    ddpm.step (plain torch on the same device) fed u + S (m - u)."""
+    n, c = shape[0], shape[1]
+    kw = dict(prediction="eps", sampler="ddpm", variance="learned_range")
+    seed = _seed(rng)
+    for i in (0, 7, len(SCHEDULE) - 1):
+        x = torch.from_numpy((2 * rng.standard_normal(shape)).astype(np.float32)).cuda()
+        net = torch.from_numpy(
+            (2 * rng.standard_normal((2 * n, 2 * c, *shape[2:]))).astype(np.float32)
+        ).cuda()
+        net[:, c:] = net[:, c:].clamp(-1.2, 1.2)
+        m, v, u = net[:n, :c], net[:n, c:], net[n:, :c]
+        z = noise.normal(seed, shape, step=i, sample_offset=3, device="cuda")
+        extra = {} if guidance is None else dict(uncond=u, guidance=guidance)
+        mg = m if guidance is None else u + guidance * (m - u)
+        ref = ddpm.step(SCHEDULE, i, x, mg.contiguous(), z, clip=clip, variance_output=v.contiguous(), **kw)
+        got = ddpm.fused_step(
+            SCHEDULE, i, x, m, seed=seed, sample_offset=3, clip=clip, variance_output=v, **kw, **extra
+        )
+        row = ddpm.diffusion.step_coefficients(SCHEDULE, i, **kw)
+        scale = _operand_scale(row, x, m, extra.get("uncond"), guidance or 1.0, v, z)
+        assert float(((got - ref).double().abs() / scale).max()) <= TOL
+
+
+@pytest.mark.parametrize("ratio", [0.995, 0.5, 1.0])
+def test_cuda_dynamic_thresholds_equal_quantile(ratio, rng):
+    dyn = ddpm.diffusion.DynamicThreshold(ratio, 4.0)
+    for shape in [(8, 3, 32, 32), (3, 5, 7, 11)]:
+        x, m = (
+            torch.from_numpy((2 * rng.standard_normal(shape)).astype(np.float32)).cuda() for _ in range(2)
+        )
+        got = dynamic_thresholds(x, m, 0.8, -1.1, dyn)
+        want = dyn.thresholds(0.8 * x + -1.1 * m)
+        assert got.is_cuda and float(((got - want).abs() / want).max()) <= TOL
+
+
+def test_device_step_table_with_operands_in_a_captured_cuda_graph(rng):
+    """An 8-wide table, variance, uncond and guidance, and a DynamicThreshold whose thresholds are computed inside
+    the captured graph from the device counter's row: replaying one graph equals the reference loop."""
+    shape, seed, offset = (4, 3, 16, 16), _seed(rng), 2
+    n, c = shape[0], shape[1]
+    steps = len(SCHEDULE)
+    kw = dict(prediction="v", sampler="ddpm", variance="learned_range")
+    dyn = ddpm.diffusion.DynamicThreshold(0.97, 3.0)
+    x0 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    table = DeviceStepTable.from_schedule(
+        SCHEDULE, seed=seed, sample_offset=offset, clip=dyn, device="cuda", **kw
+    )
+    x = x0.cuda()
+    net = torch.empty((2 * n, 2 * c, *shape[2:]), device="cuda")
+
+    def model(
+        inp: torch.Tensor,
+    ) -> torch.Tensor:  # a deterministic stand-in: [2N, 2C, ...], variance in (-1, 1)
+        both = torch.cat([torch.tanh(0.7 * inp), torch.tanh(0.3 * inp - 0.1)])
+        return torch.cat([both, torch.tanh(both)], dim=1)
+
+    m, v, u = net[:n, :c], net[:n, c:], net[n:, :c]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        net.copy_(model(x))
+        table.set_counter(steps - 1)
+        table.step(
+            x.clone(), m, torch.empty_like(x), variance=v, uncond=u, guidance=2.0
+        )  # warm-up, not captured
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        net.copy_(model(x))
+        table.step(x, m, x, variance=v, uncond=u, guidance=2.0)
+    x.copy_(x0.cuda())
+    table.set_counter(steps - 1)
+    ref = x0.cuda()
+    max_scale = 0.0
+    for i in reversed(range(steps)):
+        graph.replay()
+        out = model(ref)
+        mr, vr, ur = out[:n, :c], out[:n, c:], out[n:, :c]
+        z = noise.normal(seed, shape, step=i, sample_offset=offset, device="cuda")
+        row = ddpm.diffusion.step_coefficients(SCHEDULE, i, **kw)
+        max_scale = max(max_scale, float(_operand_scale(row, ref, mr, ur, 2.0, vr, z).max()))
+        mg = (ur + 2.0 * (mr - ur)).contiguous()
+        ref = ddpm.step(SCHEDULE, i, ref, mg, z, clip=dyn, variance_output=vr.contiguous(), **kw)
+    torch.cuda.synchronize()
+    assert int(table.counter.item()) == -1
+    assert float((x - ref).abs().max()) <= steps * TOL * max_scale

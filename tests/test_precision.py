@@ -17,11 +17,11 @@ import pytest
 import torch
 from _runtime_models import shared_artifacts
 
+from ddpm.bench.run import BenchConfig, variants
 from ddpm.cli import main
 from ddpm.errors import InvalidArgumentError
 from ddpm.precision import Precision, artifact_precision, cpu_has_bf16, parse_precision, require_cpu_bf16
 from ddpm.runtime.backends import _check_file_precision, open_backend
-from ddpm.runtime.bench import BenchConfig, variants
 from ddpm.runtime.sampling import sample
 
 needs_bf16 = pytest.mark.skipif(

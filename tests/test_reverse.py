@@ -20,6 +20,7 @@ from ddpm.kernels import fused_step_raw
 from ddpm.loop import FiniteWatch, ReversePlan, run_reverse
 from ddpm.metadata import schedule_from_meta
 from ddpm.noise import initial_noise, normal
+from ddpm.options import SamplingOptions
 from ddpm.runtime.backends import open_backend
 from ddpm.runtime.sampling import sample
 from ddpm.schedule import COEF_B, COEF_C, Schedule
@@ -319,7 +320,7 @@ def test_bad_model_x_schedule(net, sched, model, x, schedule, match):
 
 
 def test_run_reverse_takes_a_parsed_plan(net, sched):
-    plan = ReversePlan.parse(sched, sampler="ddim", eta=0.2, clip=1.0, seed=4)
+    plan = ReversePlan.create(sched, SamplingOptions(sampler="ddim", eta=0.2, clip=1.0, seed=4))
     assert plan.rows32[5] == tuple(float(v) for v in plan.table[5].astype(np.float32))
     got = run_reverse(net, _xt(), plan)
     assert torch.equal(got, ddpm.reverse(net, _xt(), sched, sampler="ddim", eta=0.2, clip=1.0, seed=4))

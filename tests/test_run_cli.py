@@ -193,7 +193,11 @@ def test_bad_engine(bad_files, engine, match, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--steps", "0"], "steps must be an integer in 1..1000, got 0"),
+        # refused by the options before the model is read; 1001 is refused by the model's T
+        (
+            ["--steps", "0"],
+            "--steps must be an integer >= 1 (and at most the model's T, <= 100000), got 0",
+        ),
         (["--steps", "1001"], "steps must be an integer in 1..1000, got 1001"),
         (["--batch", "0"], "--batch must be >= 1, got 0"),
         (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),

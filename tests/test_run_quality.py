@@ -1,8 +1,9 @@
 """The exported path samples the right distribution: train the swiss-roll MLP, export it to ONNX, run 1000 DDPM
 steps through ``ddpm run`` (onnxruntime + the fused kernel), and score the points by energy distance.
 
-Slow (training dominates: the trainer's default 4000 iterations of the swiss-roll MLP, ~30 s on one thread). The same numbers also give the torch-vs-
-onnxruntime agreement of a TRAINED model after 1000 steps.
+Slow: the session's reference swiss-roll model (tests/_reference.py, the trainer's defaults) is trained once for
+every quality test. The same numbers also give the torch-vs-onnxruntime agreement of a TRAINED model after 1000
+steps.
 """
 
 from __future__ import annotations
@@ -20,29 +21,17 @@ NUM_POINTS = 2000
 
 
 @pytest.fixture(scope="module")
-def swissroll(tmp_path_factory):
+def swissroll(swissroll_reference, tmp_path_factory):
+    """The session's default swiss-roll model (tests/_reference.py) and its ONNX export."""
     from ddpm.export.pipeline import export
-    from ddpm.trainer.train import TrainConfig, train
 
-    d = tmp_path_factory.mktemp("swissroll")
-    # One torch thread: on a 2-core machine shared with other work, two OpenMP threads waiting on each other at
-    # every op were measured 5-40x slower (1500 iterations: 10 s on one thread, 54 s and 442 s on two).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = TrainConfig(
-        data="swissroll", out=d / "run", device="cpu", progress=False, num_samples=16
-    )  # defaults
-    try:
-        ckpt = train(cfg)
-    finally:
-        torch.set_num_threads(saved)
-    onnx_path = d / "swissroll.onnx"
-    export(ckpt, onnx_path)
-    return ckpt, onnx_path
+    onnx_path = tmp_path_factory.mktemp("swissroll") / "swissroll.onnx"
+    export(swissroll_reference, onnx_path)
+    return swissroll_reference, onnx_path
 
 
 def test_onnx_run_lands_on_the_roll(swissroll, tmp_path, capsys):
-    from ddpm.trainer.metrics import swissroll_energy_check
+    from ddpm.evaluation.metrics import swissroll_energy_check
 
     _, onnx_path = swissroll
     npz = tmp_path / "points.npz"
@@ -51,6 +40,8 @@ def test_onnx_run_lands_on_the_roll(swissroll, tmp_path, capsys):
             "run",
             "--engine",
             str(onnx_path),
+            "--sampler",  # explicit: the model's recommendation (its previews' sampler) is dpm++2m
+            "ddpm",
             "--steps",
             "1000",
             "--num-samples",
@@ -107,7 +98,7 @@ def test_dpm_solver_at_20_steps_lands_on_the_roll_as_well_as_ddpm_1000(swissroll
     """DPM-Solver++(2M) at 20 steps through the ONNX path vs 1000-step DDPM: same point count and seed, same run.
     Energy distance is a U-statistic that scatters around the data floor, so "within 1.5x" is taken on the
     excess over that floor, with three standard deviations of the floor (4 draws) as the resolution."""
-    from ddpm.trainer.metrics import swissroll_energy_check
+    from ddpm.evaluation.metrics import swissroll_energy_check
 
     _, onnx_path = swissroll
     kw = {"batch": 1000, "seed": 0, "device": "cpu", "threads": 1}

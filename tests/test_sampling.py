@@ -15,8 +15,9 @@ import torch
 from _runtime_models import shared_artifacts
 
 from ddpm.errors import InvalidArgumentError, SamplingError
+from ddpm.options import SamplingOptions
 from ddpm.runtime.backends import open_backend
-from ddpm.runtime.sampling import CHECK_EVERY, SamplingPlan, run_batches, sample, sample_batch
+from ddpm.runtime.sampling import CHECK_EVERY, SamplingPlan, sample, sample_batch, sample_run
 from ddpm.schedule import Schedule
 
 # Fused kernel vs the torch reference step, same float32 coefficients and the same Philox noise: the kernel may
@@ -87,8 +88,8 @@ def test_torch_backend_batch_size_changes_only_the_gemm_rounding(art):
 def test_batches_cover_global_sample_indices(art):
     """sample_batch at offset k reproduces rows k.. of a run: the batch is only a grouping."""
     with open_backend(art["mlp"][1], **CPU) as backend:
-        plan = SamplingPlan.create(backend.meta, steps=100, seed=11)
-        full = run_batches(backend, plan, 10, 10).samples
+        plan = SamplingPlan.for_artifact(backend.meta, SamplingOptions(steps=100, seed=11))
+        full = sample_run(backend, 10, SamplingOptions(steps=100, seed=11, batch=10)).samples
         part = sample_batch(backend, plan, 4, sample_offset=5)
         assert torch.equal(part, full[5:9])
 
@@ -215,7 +216,11 @@ def meta(art):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"steps": 0}, r"steps must be an integer in 1\.\.1000, got 0"),
+        # options refuse 0 before any model is known; the model's T bounds it when the plan is made (1001)
+        (
+            {"steps": 0},
+            r"steps must be an integer >= 1 \(and at most the model's T, <= 100000\), got 0",
+        ),
         ({"steps": 1001}, r"steps must be an integer in 1\.\.1000, got 1001"),
         ({"eta": -1}, r"eta must be a finite number >= 0, got -1"),
         ({"eta": float("nan")}, "eta must be a finite number"),
@@ -229,7 +234,7 @@ def meta(art):
 )
 def test_plan_rejects_bad_arguments(meta, kw, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        SamplingPlan.create(meta, **kw)
+        SamplingPlan.for_artifact(meta, SamplingOptions(**kw))
 
 
 @pytest.mark.parametrize(
@@ -243,9 +248,8 @@ def test_sample_rejects_bad_counts(art, kw, match):
 
 def test_cuda_graph_needs_a_gpu(art):
     with open_backend(art["mlp"][0], **CPU) as backend:
-        plan = SamplingPlan.create(backend.meta, steps=10)
         with pytest.raises(InvalidArgumentError, match="--cuda-graph needs a CUDA device"):
-            run_batches(backend, plan, 2, 2, cuda_graph=True)
+            sample_run(backend, 2, SamplingOptions(steps=10, batch=2, cuda_graph=True))
 
 
 def test_an_open_backend_stays_open(art):
@@ -256,7 +260,7 @@ def test_an_open_backend_stays_open(art):
 
 
 def test_plan_table_is_the_schedule_table(meta):
-    plan = SamplingPlan.create(meta, steps=20, sampler="ddim", eta=0.3)
+    plan = SamplingPlan.for_artifact(meta, SamplingOptions(steps=20, sampler="ddim", eta=0.3))
     want = Schedule.linear(1000).respace(20).coefficients("eps", "ddim", "fixed_small", 0.3)
     np.testing.assert_array_equal(plan.table, want)
     assert plan.rows32[3] == tuple(float(v) for v in want[3].astype(np.float32))

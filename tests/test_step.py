@@ -50,7 +50,7 @@ def _posterior_mean(s: Schedule, i: int, x, x0):
 
 
 def _scale(s, i, x, m, z, **kw):
-    a, b, _c, p, q, sigma = s.coefficients(**kw)[i]
+    a, b, _c, p, q, sigma = s.coefficients(**kw)[i][:6]
     return np.abs(a * x) + np.abs(b) * (np.abs(p * x) + np.abs(q * m)) + np.abs(sigma * z) + 1e-30
 
 
@@ -156,6 +156,45 @@ def test_q_sample_and_conversions_roundtrip(rng):
     torch.testing.assert_close(ddpm.eps_from_x0(s, xt, t, x0), eps, rtol=1e-4, atol=1e-3)
     for pred, want in (("eps", eps), ("x0", x0), ("v", v)):
         torch.testing.assert_close(ddpm.training_target(s, pred, x0, t, eps), want)
+
+
+@pytest.mark.parametrize("sched", list(SCHEDULES))
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddpm_learned_range_eq15(sched, prediction, rng):
+    """Nichol & Dhariwal eq. 15: Sigma = exp(v log beta + (1 - v) log beta_tilde) with v in [0, 1] the model's
+    interpolation output (here frac = (v + 1) / 2 of an output in [-1, 1], diffusers' convention), beta and
+    beta_tilde of the (respaced) schedule; the mean is the posterior mean. float64 textbook vs the float32 step.
+    The exponent's absolute float32 rounding is a relative error of sigma, hence the term scale's extra factor."""
+    s = SCHEDULES[sched]()
+    for i in [1, 2, len(s) // 2, len(s) - 1]:
+        x, m, z = _rand(rng), _rand(rng), _rand(rng)
+        v = rng.uniform(-1, 1, x.shape).astype(np.float32)
+        kw = dict(prediction=prediction, sampler="ddpm", variance="learned_range")
+        out = ddpm.step(
+            s, i, *(torch.from_numpy(t) for t in (x, m, z)), variance_output=torch.from_numpy(v), **kw
+        )
+        frac = (v.astype(np.float64) + 1) / 2
+        log_var = frac * np.log(s.betas[i]) + (1 - frac) * np.log(s.posterior_variance[i])
+        sigma = np.exp(0.5 * log_var)
+        ref = _posterior_mean(s, i, x.astype(np.float64), _textbook_x0(s, i, prediction, x, m)) + sigma * z
+        scale = _scale(s, i, x, m, np.zeros_like(z), **kw) + np.abs(sigma * z) * (1 + np.abs(0.5 * log_var))
+        _check(out, ref, scale)
+
+
+@pytest.mark.parametrize("ratio, max_value", [(0.995, np.inf), (0.8, 1.5), (1.0, 2.0)])
+def test_dynamic_threshold_is_imagens(ratio, max_value, rng):
+    """Saharia et al. 2022: s = the ratio-quantile of |x0_hat| per sample (linear interpolation, as np.quantile),
+    s = clip(s, 1, max_value), x0_hat = clip(x0_hat, -s, s) / s; DDIM at i = 0 returns x0_hat itself."""
+    s = Schedule.linear(1000).respace(20)
+    x, m = _rand(rng) * 3, _rand(rng) * 3
+    dyn = ddpm.diffusion.DynamicThreshold(ratio, max_value)
+    out = ddpm.step(
+        s, 0, torch.from_numpy(x), torch.from_numpy(m), None, prediction="x0", sampler="ddim", clip=dyn
+    )
+    flat = np.abs(m.astype(np.float64)).reshape(m.shape[0], -1)
+    thr = np.clip(np.quantile(flat, ratio, axis=1), 1.0, max_value).reshape(-1, 1, 1, 1)
+    ref = np.clip(m, -thr, thr) / thr
+    _check(out, ref, np.abs(m) + 1e-30)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _files import read_loss_csv
 from safetensors.torch import load_file
 
 from ddpm.cli import main
@@ -17,7 +18,6 @@ from ddpm.models import build_model, preset_config
 from ddpm.schedule import Schedule
 from ddpm.trainer.checkpoint import load_model
 from ddpm.trainer.data import load_dataset
-from ddpm.trainer.preview import read_loss_csv
 from ddpm.trainer.train import STATE_NAME, BatchOrder, TrainConfig, step_seed, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,57 +1,36 @@
 """Training quality (slow): the default swissroll and digits runs learn their distributions.
 
-Both train with the dataset defaults (what `ddpm train --data swissroll|digits` does) on fresh random seeds
-(printed), on 1 CPU thread, then sample with the plain reference loop (Algorithm 2 with ``ddpm.step``).
+Both use the session's reference models (tests/_reference.py: the dataset defaults, what `ddpm train --data
+swissroll|digits` does, on the session's training seed (0 by default, as the bars were measured), printed, on 1 CPU thread, trained once for every test that needs
+them), then sample with the plain reference loop (Algorithm 2 with ``ddpm.step``) on a fresh sampling seed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import ddpm
+from ddpm.evaluation.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.metadata import schedule_from_meta
 from ddpm.trainer.checkpoint import load_model
-from ddpm.trainer.metrics import digits_classifier_check, swissroll_energy_check
 from ddpm.trainer.preview import reference_sample
-from ddpm.trainer.train import TrainConfig, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-def _seeds():
-    train_seed, sample_seed = (int(s) for s in np.random.default_rng().integers(0, 2**31, size=2))
-    print(f"\ntraining seed {train_seed}, sampling seed {sample_seed}")
-    return train_seed, sample_seed
+def _sample_seed() -> int:
+    seed = int(np.random.default_rng().integers(0, 2**31))
+    print(f"\nsampling seed {seed}")
+    return seed
 
 
-def _train_and_sample(tmp_path, data, n, steps, clip):
-    train_seed, sample_seed = _seeds()
-    cfg = TrainConfig(
-        data=data,
-        out=tmp_path / "run",
-        seed=train_seed,
-        threads=1,
-        progress=False,
-        sample_steps=10,
-        num_samples=16,
-    )
-    model, meta = load_model(train(cfg))
-    return reference_sample(
-        model,
-        schedule_from_meta(meta),
-        meta["prediction"],
-        meta["sample_shape"],
-        n=n,
-        steps=steps,
-        seed=sample_seed,
-        clip=clip,
-    )
-
-
-def test_swissroll_samples_lie_on_the_roll(tmp_path):
-    x = _train_and_sample(tmp_path, "swissroll", n=2000, steps=None, clip=None)  # the full 1000-step loop
+def test_swissroll_samples_lie_on_the_roll(swissroll_reference):
+    model, meta = load_model(swissroll_reference)
+    x = reference_sample(
+        model, schedule_from_meta(meta), meta["prediction"], meta["sample_shape"], n=2000, steps=None,
+        seed=_sample_seed(), clip=None,
+    )  # fmt: skip
     e = swissroll_energy_check(x)
     print("energy distances: " + ", ".join(f"{k} {v:.5f}" for k, v in e.items()))
     # Scale, in units of the gap between the floor (data_vs_data ~ -0.001: fresh draws of the real roll) and
@@ -68,25 +47,10 @@ def test_swissroll_samples_lie_on_the_roll(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """The default digits run, trained once for the tests below; returns (model, meta, sampling seed)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_seed, sample_seed = _seeds()
-        cfg = TrainConfig(
-            data="digits",
-            out=tmp_path_factory.mktemp("digits") / "run",
-            seed=train_seed,
-            threads=1,
-            progress=False,
-            sample_steps=10,
-            num_samples=16,
-        )
-        model, meta = load_model(train(cfg))
-    finally:
-        torch.set_num_threads(old)
-    return model, meta, sample_seed
+def digits_run(digits_reference):
+    """The session's default digits model (tests/_reference.py); returns (model, meta, sampling seed)."""
+    model, meta = load_model(digits_reference)
+    return model, meta, _sample_seed()
 
 
 def test_digits_classifier_recognises_samples(digits_run):

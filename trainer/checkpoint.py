@@ -1,6 +1,7 @@
-"""Writing checkpoints: the (EMA) weights and the artifact metadata in one safetensors file, atomically.
+"""The trainer's run state: the resume point (``train_state.pt``) and the run folder checks.
 
-Reading (``load_model``, ``read_checkpoint_metadata``) lives in the core, ``ddpm.checkpoint``.
+Checkpoints themselves (``save_checkpoint``, ``load_model``, ``read_checkpoint_metadata``) live in the core,
+``ddpm.checkpoint``, so that ``ddpm import`` writes the same format; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ddpm.checkpoint import CHECKPOINT_NAME, load_model, read_checkpoint_metadata, resolve_checkpoint
+from ddpm.checkpoint import (
+    CHECKPOINT_NAME,
+    load_model,
+    read_checkpoint_metadata,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.io import atomic_path, check_free_space
-from ddpm.metadata import FORMAT, encode_metadata
-from ddpm.models import sample_shape
 from ddpm.validate import MAX_JSON_BYTES, Int, ListOf, Record, SchemaError, Str, check, loads_json
 
 __all__ = [
@@ -56,42 +60,6 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"--out {str(out)!r} already holds a run ({', '.join(held)}); pass --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``model``'s weights and ``meta`` to a safetensors file, atomically (temp file + rename).
-
-    ``meta`` needs at least schedule, prediction, dataset and step; ``format``, ``model`` (from
-    ``model.config``) and ``sample_shape`` are filled in when absent. Returns the path written.
-    """
-    from safetensors.torch import save_file
-
-    config = getattr(model, "config", None)
-    if not isinstance(config, dict):
-        raise InvalidArgumentError(
-            "save_checkpoint needs a model built by build_model (it has no .config dict)"
-        )
-    full = {"format": FORMAT, "model": config, "sample_shape": sample_shape(config), **meta}
-    if full["model"] != config:
-        raise InvalidArgumentError(
-            "meta['model'] differs from the model's own config; leave it out or pass model.config"
-        )
-    strings = encode_metadata(full)
-    # safetensors refuses shared or non-contiguous storage; a detached contiguous CPU copy of each tensor.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    check_free_space(
-        path, sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20), what="checkpoint"
-    )
-    from safetensors import SafetensorError
-
-    with atomic_path(path, what="checkpoint") as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=strings)
-        except SafetensorError as e:  # its I/O failures (disk full) arrive as this type, not OSError
-            raise ArtifactError(
-                f"{path}: cannot write the checkpoint ({' '.join(str(e).split())[:160]})"
-            ) from None
-    return Path(path)
 
 
 def save_train_state(path: str | os.PathLike, blob: dict[str, Any]) -> None:

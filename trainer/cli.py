@@ -62,6 +62,20 @@ def train_cmd(
     schedule: Annotated[str, typer.Option(help="linear | cosine")] = "linear",
     prediction: Annotated[str, typer.Option(help="what the network predicts: eps | x0 | v")] = "eps",
     dropout: Annotated[float | None, typer.Option(help="override the preset's dropout")] = None,
+    cond: Annotated[
+        str,
+        typer.Option(
+            help="class: a class-conditional model on the data's labels (digits, mnist:DIR with its label file, "
+            "cifar10:DIR, folder:DIR with one sub-folder per class); none: unconditional"
+        ),
+    ] = "none",
+    p_uncond: Annotated[
+        float,
+        typer.Option(
+            help="with --cond class: label dropout, the share of labels replaced by the null class (what "
+            "classifier-free guidance needs)"
+        ),
+    ] = 0.1,
     flip: Annotated[
         bool | None,
         typer.Option(
@@ -71,10 +85,17 @@ def train_cmd(
     save_every: Annotated[
         int, typer.Option(help="also save checkpoint, samples and loss every N steps (0: at the end)")
     ] = 0,
-    sample_steps: Annotated[int, typer.Option(help="respaced DDPM steps of the preview sample grid")] = 50,
+    sample_steps: Annotated[
+        int, typer.Option(help="DPM-Solver++(2M) steps of the preview (recorded as `ddpm run`'s default)")
+    ] = 20,
     num_samples: Annotated[
         int | None,
-        typer.Option(help="preview samples: images in the grid [64] or points in the scatter [1000]"),
+        typer.Option(
+            "--preview-samples",
+            "--num-samples",
+            help="preview samples: images in the grid (default: up to 64, as many as fit ~15 s on this device) "
+            "or points in the scatter [1000]; 0: no previews",
+        ),
     ] = None,
     seed: Annotated[
         int, typer.Option(help="seed of weights, batches and noise (CPU runs are reproducible)")
@@ -122,6 +143,8 @@ def train_cmd(
         schedule=schedule,
         prediction=prediction,
         dropout=dropout,
+        cond=None if cond.strip().lower() == "none" else cond.strip().lower(),
+        p_uncond=p_uncond,
         flip=flip,
         save_every=save_every,
         num_samples=num_samples,

@@ -19,7 +19,7 @@ from ddpm.validate import MAX_IMAGE_SIZE, MAX_TIMESTEPS
 from .data import dataset_kind
 from .presets import PRESET_DEFAULTS, choose_preset, default_warmup
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "validate_config", "jsonable_config"]
+__all__ = ["TrainConfig", "LR_SCHEDULES", "CONDITIONS", "validate_config", "jsonable_config"]
 
 
 _FLIP_DEFAULT = {
@@ -29,7 +29,8 @@ _MAX_ITERS = 10**9  # CIFAR-10's 800k steps is the longest default
 _MAX_BATCH = 1 << 16  # batch size and preview samples
 _FROM_PRESET = ("iters", "batch_size", "lr", "ema_decay")
 LR_SCHEDULES = ("constant", "cosine")
-_LATER_OPTIONS = {"lr_schedule": "constant", "grad_accum": 1}
+_LATER_OPTIONS = {"lr_schedule": "constant", "grad_accum": 1, "cond": None, "p_uncond": 0.1}
+CONDITIONS = ("class",)
 
 
 @dataclass
@@ -54,10 +55,15 @@ class TrainConfig:
     schedule: str = "linear"  # linear | cosine
     prediction: str = "eps"  # eps | x0 | v: the regression target
     dropout: float | None = None  # override the preset's dropout
+    # "class": a class-conditional model trained on the data's labels (trainer/conditional.py); None: unconditional
+    cond: str | None = None
+    p_uncond: float = 0.1  # label dropout: the probability that a label is replaced by the null class
     flip: bool | None = None  # random horizontal flips (default: on for cifar10 only)
     save_every: int = 0  # also save every N steps (0: only at the end)
-    sample_steps: int = 50  # respaced DDPM steps for the preview grid
-    num_samples: int | None = None  # preview samples: None = 64 images in the grid, or 1000 points
+    sample_steps: int = 20  # DPM-Solver++(2M) steps (trailing spacing) of the preview grid
+    # preview samples: None = up to 64 images (as many as fit PREVIEW_BUDGET_S on this device) or 1000 points;
+    # 0 = no previews
+    num_samples: int | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     # torch CPU threads while training (None: leave torch's setting). Small models on a busy 2-core machine
@@ -96,10 +102,16 @@ class TrainConfig:
         return cfg, origin
 
     def preview(self, is_image: bool) -> dict[str, Any]:
-        """How the previews are drawn: 64 images in a grid (clipped to the data range) or 1000 points (unclipped);
-        the checkpoint records sampler, steps and clip as what `ddpm run` should use."""
-        n = self.num_samples or (64 if is_image else 1000)
-        return {"n": n, "sampler": "ddpm", "steps": self.sample_steps, "clip": 1.0 if is_image else None}
+        """How the previews are drawn: DPM-Solver++(2M) at ``sample_steps`` (the fast sampler: 20 steps sample what
+        1000 DDPM steps do, benchmarks/solver_cpu.md), images clipped to the data range, points unclipped; ``n``
+        is the asked count, None for the default scaled to the model and device (trainer/preview.py). The
+        checkpoint records sampler, steps and clip as what `ddpm run` should use."""
+        return {
+            "n": self.num_samples,
+            "sampler": "dpm++2m",
+            "steps": self.sample_steps,
+            "clip": 1.0 if is_image else None,
+        }
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that determine the loss trajectory; a resumed run must match them."""
@@ -173,8 +185,8 @@ def validate_config(c: TrainConfig) -> None:
         is_int(c.sample_steps) and c.sample_steps >= 1, f"--sample-steps must be >= 1, got {c.sample_steps!r}"
     )
     need(
-        c.num_samples is None or (is_int(c.num_samples) and 1 <= c.num_samples <= _MAX_BATCH),
-        f"--num-samples must be >= 1 and <= {_MAX_BATCH}, got {c.num_samples!r}",
+        c.num_samples is None or (is_int(c.num_samples) and 0 <= c.num_samples <= _MAX_BATCH),
+        f"--preview-samples must be >= 0 (0: no previews) and <= {_MAX_BATCH}, got {c.num_samples!r}",
     )
     need(c.sample_steps <= c.timesteps, f"--sample-steps {c.sample_steps} exceeds --timesteps {c.timesteps}")
     need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in 0..2^63-1, got {c.seed!r}")
@@ -199,6 +211,22 @@ def validate_config(c: TrainConfig) -> None:
     need(
         c.threads is None or (is_int(c.threads) and 1 <= c.threads <= 1024),
         f"--threads must be >= 1 and <= 1024, got {c.threads!r}",
+    )
+    need(
+        c.cond is None or c.cond in CONDITIONS,
+        f"--cond must be {', '.join(CONDITIONS)} (or none: unconditional), got {c.cond!r}",
+    )
+    need(
+        isinstance(c.p_uncond, (int, float)) and math.isfinite(c.p_uncond) and 0.0 <= c.p_uncond < 1.0,
+        f"--p-uncond must be in [0, 1) (the share of labels replaced by the null class), got {c.p_uncond!r}",
+    )
+    need(
+        c.cond is not None or c.p_uncond == 0.1,
+        "--p-uncond applies to class-conditional runs: add --cond class",
+    )
+    need(
+        c.cond is None or dataset_kind(c.data) != "swissroll",
+        "--cond class needs labelled images; swissroll holds unlabelled 2-D points",
     )
     Prediction.parse(c.prediction)
     if c.schedule not in ("linear", "cosine"):

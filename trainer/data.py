@@ -1,15 +1,17 @@
-"""Training data: ``swissroll``, ``digits``, ``mnist:DIR``, ``cifar10:DIR``, ``folder:DIR``.
+"""Training data: ``swissroll``, ``digits``, ``mnist:DIR``, ``cifar10:DIR``, ``folder:DIR``, and their class labels.
 
 Everything is loaded into memory once (these are small datasets) as a ``Dataset``: file images are kept as
-uint8 [N, C, H, W] and scaled to [-1, 1] per batch; digits and vectors are kept as float32 in model space. Files are parsed as raw bytes
-(IDX, CIFAR-10 binary) or decoded by Pillow — never unpickled. A missing or malformed dataset raises
-ArtifactError naming the path and the layout that was expected.
+uint8 [N, C, H, W] and scaled to [-1, 1] per batch; digits and vectors are kept as float32 in model space. Files
+are parsed as raw bytes (IDX, CIFAR-10 binary) or decoded by Pillow — never unpickled (trainer/datafiles.py). A
+missing or malformed dataset raises ArtifactError naming the path and the layout that was expected.
+
+Labels (:func:`load_class_labels`, for ``ddpm train --cond class``): digits, mnist (the IDX label file beside the
+images), cifar10, and a folder with one sub-folder per class (names: the sorted sub-folder names), always in
+:func:`load_dataset`'s order.
 """
 
 from __future__ import annotations
 
-import gzip
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +22,28 @@ import torch.nn.functional as F
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.validate import MAX_IMAGE_SIZE
 
-__all__ = ["Dataset", "DATASET_KINDS", "load_dataset", "swissroll", "dataset_kind"]
+from .datafiles import (
+    FOLDER_MAX_DEFAULT_SIZE,
+    MAX_DATASET_BYTES,
+    MAX_IMAGE_PIXELS,
+    check_bytes,
+    cifar10_images,
+    cifar10_labels,
+    folder_images,
+    folder_labels,
+    mnist_images,
+    mnist_labels,
+)
+
+__all__ = ["Dataset", "DATASET_KINDS", "load_dataset", "load_labels", "swissroll", "dataset_kind"]
+__all__ += ["ClassLabels", "load_class_labels", "CIFAR10_NAMES", "MAX_IMAGE_PIXELS", "MAX_DATASET_BYTES"]
+__all__ += ["FOLDER_MAX_DEFAULT_SIZE"]
 
 DATASET_KINDS = ("swissroll", "digits", "mnist", "cifar10", "folder")
 _NEEDS_DIR = ("mnist", "cifar10", "folder")
 _ALLOWED = "swissroll, digits, mnist:DIR, cifar10:DIR, folder:DIR"
-_IMAGE_EXT = (".png", ".jpg", ".jpeg")
-# A source image's pixels (8192^2 / 64M: far above any training image) and a dataset's uint8 bytes in memory.
-MAX_IMAGE_PIXELS = 1 << 26
-MAX_DATASET_BYTES = 8 << 30
-FOLDER_MAX_DEFAULT_SIZE = 64  # a folder of photos trains at 64x64 unless --image-size says otherwise
+# CIFAR-10's batches.meta.txt, in label order
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass
@@ -40,11 +54,13 @@ class Dataset:
         name: the spec it was loaded from (stored in checkpoint metadata), e.g. ``digits`` or ``mnist:/data``.
         data: [N, *sample_shape]; uint8 images (0..255, scaled per batch) or float32 already in model space.
         flip: random horizontal flips in :meth:`batch` (images only).
+        labels: int64 [N] class labels, for class-conditional training (None: unlabelled use).
     """
 
     name: str
     data: torch.Tensor
     flip: bool = False
+    labels: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> list[int]:
@@ -58,7 +74,8 @@ class Dataset:
         return int(self.data.shape[0])
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.data.to(device), self.flip)
+        labels = None if self.labels is None else self.labels.to(device)
+        return Dataset(self.name, self.data.to(device), self.flip, labels)
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 [B, *sample_shape] in model space ([-1, 1] for images) for the indices ``idx`` [B].
@@ -106,15 +123,71 @@ def load_dataset(spec: str, *, image_size: int | None = None, flip: bool = False
     if kind == "digits":
         data = _digits()
     elif kind == "mnist":
-        data = _mnist(Path(folder))
+        data = mnist_images(Path(folder))
     elif kind == "cifar10":
-        data = _cifar10(Path(folder))
+        data = cifar10_images(Path(folder))
     else:
-        data = _folder(Path(folder), image_size)
+        data = folder_images(Path(folder), image_size)
     if image_size is not None and data.shape[-1] != image_size:
-        _check_bytes(spec, len(data), data.shape[1] * image_size * image_size)
+        check_bytes(spec, len(data), data.shape[1] * image_size * image_size)
         data = _resize(data, image_size)
     return Dataset(spec, data, flip)
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """Class labels of a dataset: ``labels`` int64 [N] in :func:`load_dataset`'s order, each in 0..K-1, and
+    the K class ``names`` (label i is ``names[i]``)."""
+
+    labels: np.ndarray
+    names: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def load_class_labels(spec: str) -> ClassLabels:
+    """The class labels of a labelled dataset (see the module docstring); InvalidArgumentError (one line) saying
+    why when it has none, ArtifactError for a malformed label file."""
+    kind = dataset_kind(spec)
+    folder = Path(spec.split(":", 1)[1]) if ":" in spec else None
+    if kind == "folder" and folder is not None:
+        labels, names = folder_labels(folder)
+        return ClassLabels(labels, names)
+    labels = load_labels(spec)
+    if labels is None:
+        why = {
+            "swissroll": "swissroll holds unlabelled 2-D points",
+            "mnist": f"{spec} has no train-labels-idx1-ubyte (or .gz) beside its images",
+        }.get(kind, f"{spec} has no labels")
+        raise InvalidArgumentError(f"class labels are needed (--cond class), but {why}")
+    names = list(CIFAR10_NAMES) if kind == "cifar10" else [str(i) for i in range(10)]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ArtifactError(f"{spec}: label {int(labels.max())} is outside the {len(names)} classes 0..9")
+    return ClassLabels(labels, names)
+
+
+def load_labels(spec: str) -> np.ndarray | None:
+    """Class labels (int64 [N]) of a labelled dataset, in :func:`load_dataset`'s order: digits, mnist (when the
+    IDX label file is beside the images), cifar10, a folder with one sub-folder per class; None for data
+    without labels."""
+    kind = dataset_kind(spec)
+    folder = Path(spec.split(":", 1)[1]) if ":" in spec else None
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        return load_digits().target.astype(np.int64)
+    if kind == "mnist" and folder is not None:
+        return mnist_labels(folder)
+    if kind == "cifar10" and folder is not None:
+        return cifar10_labels(folder)
+    if kind == "folder" and folder is not None:
+        try:
+            return folder_labels(folder)[0]
+        except (ArtifactError, InvalidArgumentError):  # no images, or not one sub-folder per class
+            return None
+    return None
 
 
 # ---- generated and bundled data ----
@@ -139,122 +212,7 @@ def _digits() -> torch.Tensor:
     return torch.from_numpy((images / 8.0 - 1.0).astype(np.float32))[:, None]
 
 
-# ---- files ----
-
-
-def _read_maybe_gz(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ArtifactError(f"{path}: cannot read ({e})") from None
-
-
-def _mnist(folder: Path) -> torch.Tensor:
-    layout = "train-images-idx3-ubyte (or .gz), the IDX file from the MNIST distribution"
-    if not folder.is_dir():
-        raise ArtifactError(f"mnist: folder {str(folder)!r} does not exist (expected it to hold {layout})")
-    names = ["train-images-idx3-ubyte", "train-images.idx3-ubyte"]
-    found = [folder / (n + gz) for n in names for gz in ("", ".gz") if (folder / (n + gz)).is_file()]
-    if not found:
-        raise ArtifactError(f"mnist: no {layout} in {str(folder)!r}")
-    path = found[0]
-    raw = _read_maybe_gz(path)
-    # IDX: big-endian int32 magic 0x00000803 (unsigned byte, 3 dims), then N, rows, cols, then N*rows*cols bytes.
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 0x0803:
-        raise ArtifactError(f"{path}: not an IDX image file (expected magic 0x00000803 for {layout})")
-    n, rows, cols = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
-    if n < 1 or rows < 1 or cols < 1 or len(raw) != 16 + n * rows * cols:
-        raise ArtifactError(
-            f"{path}: IDX header says {n} images of {rows}x{cols} = {16 + n * rows * cols} bytes, file has {len(raw)}"
-        )
-    data = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, 1, rows, cols)
-    return torch.from_numpy(data.copy())
-
-
-def _cifar10(folder: Path) -> torch.Tensor:
-    layout = "data_batch_1.bin .. data_batch_5.bin (the CIFAR-10 *binary* version, 3073-byte records)"
-    if not folder.is_dir():
-        raise ArtifactError(f"cifar10: folder {str(folder)!r} does not exist (expected {layout})")
-    files = sorted(folder.glob("data_batch_*.bin")) or sorted(
-        folder.glob("cifar-10-batches-bin/data_batch_*.bin")
-    )
-    if not files:
-        raise ArtifactError(f"cifar10: no {layout} in {str(folder)!r}")
-    parts = []
-    for f in files:
-        raw = _read_maybe_gz(f)
-        if not raw or len(raw) % 3073:
-            raise ArtifactError(
-                f"{f}: size {len(raw)} is not a multiple of 3073 bytes (1 label + 3x32x32 pixels)"
-            )
-        # Each record: one label byte, then the red, green and blue 32x32 planes, row-major.
-        parts.append(np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32))
-    return torch.from_numpy(np.concatenate(parts))
-
-
-def _folder(folder: Path, size: int | None) -> torch.Tensor:
-    if not folder.is_dir():
-        raise ArtifactError(f"folder: {str(folder)!r} does not exist (expected a folder of PNG/JPEG images)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXT and p.is_file())
-    if not files:
-        raise ArtifactError(f"folder: no PNG/JPEG images (*.png, *.jpg, *.jpeg) found under {str(folder)!r}")
-    from PIL import Image, UnidentifiedImageError
-
-    if size is None:  # the images' own size: one header read each, nothing decoded yet
-        size = min(FOLDER_MAX_DEFAULT_SIZE, min(min(_image_size(f)) for f in files))
-    _check_bytes(f"folder:{folder}", len(files), 3 * size * size)
-    out = np.empty((len(files), 3, size, size), dtype=np.uint8)
-    for k, f in enumerate(files):
-        try:
-            # PIL's own bomb guard only warns below 2x its limit; ours refuses from the header, before decoding.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(f) as im:
-                    w, h = im.size
-                    if w * h > MAX_IMAGE_PIXELS:
-                        raise ArtifactError(
-                            f"{f}: image is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS} are decoded "
-                            "(a decompression bomb, or resize it first)"
-                        )
-                    out[k] = _centre_crop(im.convert("RGB"), size).transpose(2, 0, 1)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ArtifactError(f"{f}: refused: {e}") from None
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise ArtifactError(f"{f}: cannot decode image ({e})") from None
-    return torch.from_numpy(out)
-
-
-def _image_size(f: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused when decoded, below
-            with Image.open(f) as im:
-                return im.size
-    except (Image.DecompressionBombError, OSError, UnidentifiedImageError, ValueError) as e:
-        raise ArtifactError(f"{f}: cannot decode image ({e})") from None
-
-
-def _check_bytes(what: str, n: int, per_image: int) -> None:
-    if n * per_image > MAX_DATASET_BYTES:
-        raise InvalidArgumentError(
-            f"{what}: {n} images of {per_image} bytes is {n * per_image / 1e9:.3g} GB in memory; at most "
-            f"{MAX_DATASET_BYTES / 1e9:.3g} GB (use a smaller --image-size or fewer images)"
-        )
-
-
-def _centre_crop(im, size: int) -> np.ndarray:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased), then crop the centre square."""
-    from PIL import Image
-
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+# ---- shared by every image set ----
 
 
 def _resize(data: torch.Tensor, size: int) -> torch.Tensor:

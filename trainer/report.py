@@ -20,9 +20,11 @@ from ddpm.models import build_model, count_params, preset_config
 
 from .config import TrainConfig
 from .presets import SMALLER
+from .preview import PreviewCount
 from .progress import hms
 
 __all__ = [
+    "Estimator",
     "run_header",
     "estimate_line",
     "peak_memory_bytes",
@@ -48,6 +50,8 @@ def run_header(
     device: torch.device,
     threads: int,
     start: int,
+    previews: PreviewCount,
+    classes: Sequence[str] | None = None,
 ) -> str:
     """The header: one line per topic; a value that was not given on the command line is followed by where it
     came from in brackets (``[preset tiny]``, ``[auto: 3x16x16 images on cpu]``)."""
@@ -62,8 +66,13 @@ def run_header(
     micro = cfg.batch_size // cfg.grad_accum
     accum = f" as {cfg.grad_accum} micro-batches of {micro}" if cfg.grad_accum > 1 else ""
     preview = cfg.preview(len(sample_shape) == 3)
-    n_prev = preview["n"]
     clip = "no clip" if preview["clip"] is None else f"clip {preview['clip']:g}"
+    if previews.n == 0:
+        shown = "no previews [--preview-samples 0]"
+    else:
+        cost = "" if previews.seconds is None else f", ~{previews.seconds:.2g} s each"
+        origin_n = "" if cfg.num_samples is not None else f" [{previews.why}]"
+        shown = f"preview {previews.n} samples{origin_n}, {preview['sampler']} {cfg.sample_steps} steps, {clip}{cost}"
     saves = f"every {cfg.save_every} steps and at the end" if cfg.save_every else "at the end"
     lines = [
         f"train {cfg.data} -> {cfg.out} ({where})",
@@ -75,9 +84,15 @@ def run_header(
         f"weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}",
         f"  EMA        decay {v('ema_decay')}, warm-up min(decay, (1+k)/(10+k)) at step k",
         f"  diffusion  {cfg.schedule} schedule, T={cfg.timesteps}, predicts {cfg.prediction}",
-        f"  outputs    saved {saves}; preview {n_prev} samples, {cfg.sample_steps} DDPM steps, {clip}; "
-        f"TensorBoard {cfg.log_dir or 'off (--log-dir)'}",
+        f"  outputs    saved {saves}; {shown}; TensorBoard {cfg.log_dir or 'off (--log-dir)'}",
     ]
+    if classes is not None:
+        names = ", ".join(list(classes)[:10]) + (", ..." if len(classes) > 10 else "")
+        lines.insert(
+            4,
+            f"  classes    {len(classes)} ({names}) + the null class {len(classes)}; label dropout p_uncond "
+            f"{cfg.p_uncond:g}; previews one row per class",
+        )
     return "\n".join(lines)
 
 
@@ -140,3 +155,41 @@ def smaller_hint(
         f"hint: that is long on a CPU; --model {smaller} ({params / 1e6:.2f}M params) measures {per:.3g} s/step "
         f"here, {hms(per * cfg.iters)} for {cfg.iters} steps"
     )
+
+
+class Estimator:
+    """Times steps start+2 .. start+4 (the first carries one-off costs) and reports the estimate once."""
+
+    MEASURE = 3
+
+    def __init__(self, cfg: TrainConfig, start: int, params: int, shape, device) -> None:
+        self.cfg, self.start, self.params, self.shape, self.device = cfg, start, params, shape, device
+        self.t0 = 0.0
+        self.at = min(cfg.iters, start + 1 + self.MEASURE)
+        self.done = cfg.iters - start < 2  # nothing to estimate for a 1-step run
+
+    def due(self, k: int) -> bool:
+        if k == self.start + 1:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.t0 = time.perf_counter()
+        return not self.done and k == self.at
+
+    def report(self, k: int) -> list[str]:
+        self.done = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        per = (time.perf_counter() - self.t0) / max(1, k - self.start - 1)
+        left = self.cfg.iters - k
+        lines = [
+            estimate_line(
+                self.cfg,
+                per_step=per,
+                measured=f"steps {self.start + 2}-{k}",
+                steps_left=left,
+                params=self.params,
+                memory=peak_memory_bytes(self.device),
+            )
+        ]
+        hint = smaller_hint(self.cfg, self.shape, self.device, per * left)
+        return lines + ([hint] if hint else [])

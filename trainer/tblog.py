@@ -48,12 +48,13 @@ class TensorBoardLog:
             for j, v in enumerate(values):
                 self.writer.add_scalar(f"train/{name}", v, first_step + j)
 
-    def images(self, step: int, x: torch.Tensor) -> None:
-        """A preview batch [N, C, H, W] in [-1, 1] as one grid (vectors are skipped: they are a scatter)."""
+    def images(self, step: int, x: torch.Tensor, nrow: int | None = None) -> None:
+        """A preview batch [N, C, H, W] in [-1, 1] as one grid of ``nrow`` columns (default about square; a
+        conditional preview's: one row per class). Vectors are skipped: they are a scatter."""
         if self.writer is None or x.dim() != 4:
             return
         n = x.shape[0]
-        cols = max(1, int(n**0.5))
+        cols = nrow or max(1, int(n**0.5))
         rows = -(-n // cols)
         pad = torch.full((rows * cols - n, *x.shape[1:]), -1.0)
         grid = torch.cat([x.detach().float().cpu().clamp(-1, 1), pad]).add(1).div(2)

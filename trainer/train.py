@@ -4,8 +4,9 @@
             x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps                       (q_sample)
             loss = || target(x0, eps, t) - model(x_t, t) ||^2              (eps, x0 or v target)
 
-Reproducibility without RNG state: the random draws of step k (flips, t, eps, dropout) come from torch's
-global RNG re-seeded with a hash of (seed, k), and batch k's indices from a permutation keyed by (seed, epoch).
+Reproducibility without RNG state: the random draws of step k (flips, t, eps, a class-conditional run's label
+dropout: trainer/conditional.py, then the network's dropout) come from torch's global RNG re-seeded with a hash
+of (seed, k), and batch k's indices from a permutation keyed by (seed, epoch).
 So the whole random stream is a function of (seed, step), and ``--resume`` continues EXACTLY from the
 training-state file (weights, EMA, AdamW moments, step, losses) — same loss trajectory as an uninterrupted run.
 
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 from ddpm.devices import resolve_device
 from ddpm.diffusion import q_sample, training_target
 from ddpm.errors import ArtifactError, InvalidArgumentError, TrainingError
-from ddpm.images import save_samples_png
 from ddpm.io import write_text_atomic
 from ddpm.models import build_model, count_params, preset_config
 from ddpm.schedule import Prediction, Schedule
@@ -47,12 +47,13 @@ from .checkpoint import (
     save_checkpoint,
     save_train_state,
 )
+from .conditional import attach_labels, classes_meta, drop_labels
 from .config import TrainConfig, jsonable_config
 from .data import Dataset, load_dataset
 from .distributed import DistContext, process_group
-from .preview import plot_loss, reference_sample, write_loss_csv
+from .preview import draw_preview, plot_loss, preview_count, write_loss_csv, write_previews
 from .progress import TrainProgress
-from .report import estimate_line, peak_memory_bytes, run_header, smaller_hint
+from .report import Estimator, run_header
 from .tblog import TensorBoardLog, require_tensorboard
 
 __all__ = ["TrainConfig", "train", "STATE_NAME"]
@@ -105,8 +106,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, k: i
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
 
 
-def _model_config(cfg: TrainConfig, ds: Dataset) -> dict[str, Any]:
+def _model_config(cfg: TrainConfig, ds: Dataset, classes: int) -> dict[str, Any]:
     extra = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if classes:
+        extra["num_classes"] = classes
     if ds.is_image:
         c, h, w = ds.sample_shape
         if h != w:
@@ -151,6 +154,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
     check_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
     device = dist.device(resolve_device(cfg.device))
     ds = load_dataset(cfg.data, image_size=cfg.image_size, flip=cfg.flip).to(device)
+    ds, labels = attach_labels(ds, cfg.data) if cfg.cond == "class" else (ds, None)
     cfg, origin = cfg.resolved(ds.sample_shape, device.type)
     state = None
     if cfg.resume:  # options left out take the saved run's values (another device may pick another preset)
@@ -162,7 +166,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         origin.update(dict.fromkeys(state["inherited"], "the resumed run"))
     dist.check_batch(cfg.batch_size, cfg.grad_accum)
     schedule = Schedule.create(cfg.schedule, cfg.timesteps)
-    model_cfg = _model_config(cfg, ds)
+    model_cfg = _model_config(cfg, ds, labels.count if labels is not None else 0)
 
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(model_cfg).to(device)
@@ -197,6 +201,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         "sampling": {k: v for k, v in cfg.preview(ds.is_image).items() if k != "n"},
         **dist.facts(cfg.batch_size),
     }
+    if labels is not None:
+        meta["classes"] = classes_meta(labels, cfg.p_uncond)
     order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # losses and gradient norms not yet copied to the host (one sync per flush, not per step)
@@ -225,16 +231,17 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
     def save(k: int) -> None:
         flush()
         # The preview doubles as a divergence check: weights that sample to NaN/Inf are never saved.
-        x = _preview(ema, schedule, cfg, ds, device)
-        if not bool(torch.isfinite(x).all()):
+        x, nrow = draw_preview(ema, schedule, cfg, ds.sample_shape, device, previews.n)
+        if x is not None and not bool(torch.isfinite(x).all()):
             _diverged(out, cfg, k, "the EMA weights sample to NaN/Inf", saved_step[0])
         # The folder appears with the first good save: a run that fails before it leaves nothing behind.
         out.mkdir(parents=True, exist_ok=True)
         facts = dist.facts(cfg.batch_size)  # world_size and per-rank batch, beside the options
         write_text_atomic(out / "config.json", json.dumps({**jsonable_config(cfg), **facts}, indent=2) + "\n")
         save_checkpoint(out / CHECKPOINT_NAME, ema, {**meta, "step": k})
-        _write_previews(out, x, cfg, k)
-        tb.images(k, x)
+        if x is not None:
+            write_previews(out, x, cfg, k, nrow)
+            tb.images(k, x, nrow)
         tb.flush()
         write_loss_csv(out / "loss.csv", losses)
         plot_loss(out / "loss.png", losses, title=f"{cfg.data}: training loss")
@@ -251,6 +258,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         save_train_state(out / STATE_NAME, blob)
         saved_step[0] = k
 
+    previews = preview_count(ema, ds.sample_shape, cfg.sample_steps, device, cfg.num_samples)
     model.train()
     params = count_params(model)
     desc = run_header(
@@ -262,13 +270,15 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
         device=device,
         threads=torch.get_num_threads(),
         start=start,
+        previews=previews,
+        classes=labels.names if labels is not None else None,
     )
-    timer = _Estimator(cfg, start, params, ds.sample_shape, device)
+    timer = Estimator(cfg, start, params, ds.sample_shape, device)
     show = cfg.progress and dist.is_main
     try:
         with TrainProgress(desc, total=cfg.iters, start=start, enabled=show) as bar:
             for k in range(start + 1, cfg.iters + 1):
-                loss, norm = _step(cfg, k, ds, order, schedule, net, opt, autocast, dist, device)
+                loss, norm = _step(cfg, k, ds, order, schedule, net, opt, autocast, dist, device, labels)
                 _ema_update(ema, model, cfg.ema_decay, k)
                 pending.append(loss)
                 norms.append(norm)
@@ -295,75 +305,43 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None, dist:
     return out / CHECKPOINT_NAME
 
 
-def _step(cfg, k, ds, order, schedule, net, opt, autocast, dist, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(
+    cfg, k, ds, order, schedule, net, opt, autocast, dist, device, labels
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step k: returns the batch loss and the gradient norm before clipping (on device).
 
     With ``grad_accum`` > 1 this rank's rows are split into micro-batches whose gradients add up to the whole
     batch's (each loss weighted by its share of the rows), so the step is the same, with less activation
-    memory; under DDP only the last micro-batch all-reduces."""
+    memory; under DDP only the last micro-batch all-reduces. ``labels`` (a conditional run's ClassLabels): the
+    network also gets the rows' classes, after label dropout."""
     idx = order.indices(k)
-    torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps and dropout of this step
+    torch.manual_seed(step_seed(cfg.seed, k))  # flips, t, eps, dropout (and label dropout) of this step
     x0 = ds.batch(idx)
     t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
     eps = torch.randn_like(x0)
-    x0, t, eps = dist.shard(x0, t, eps)  # drawn for the global batch, then this rank's rows
+    parts = [x0, t, eps]
+    if labels is not None:  # drawn after these: the draws above are an unconditional run's, unchanged
+        parts.append(drop_labels(ds.labels[idx.to(ds.labels.device)], cfg.p_uncond, labels.count))
+    parts = dist.shard(*parts)  # drawn for the global batch, then this rank's rows
     for g in opt.param_groups:
         g["lr"] = _lr_at(cfg, k)
     opt.zero_grad(set_to_none=True)
-    rows = x0.shape[0]
+    rows = parts[0].shape[0]
     n = cfg.grad_accum
-    chunks = list(zip(x0.tensor_split(n), t.tensor_split(n), eps.tensor_split(n), strict=True))
+    chunks = list(zip(*(p.tensor_split(n) for p in parts), strict=True))
     total = torch.zeros((), device=device)
-    for j, (xj, tj, ej) in enumerate(chunks):
+    for j, (xj, tj, ej, *yj) in enumerate(chunks):
         x_t = q_sample(schedule, xj, tj, ej)
         target = training_target(schedule, cfg.prediction, xj, tj, ej)
         sync = j == len(chunks) - 1 or not hasattr(net, "no_sync")
         with autocast, contextlib.nullcontext() if sync else net.no_sync():
-            pred = net(x_t, tj)
+            pred = net(x_t, tj, *yj)
             loss = F.mse_loss(pred.float(), target) * (xj.shape[0] / rows)  # float32 even under bf16 autocast
             loss.backward()
         total += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     opt.step()
     return total, norm.detach()
-
-
-class _Estimator:
-    """Times steps start+2 .. start+4 (the first carries one-off costs) and reports the estimate once."""
-
-    MEASURE = 3
-
-    def __init__(self, cfg: TrainConfig, start: int, params: int, shape, device) -> None:
-        self.cfg, self.start, self.params, self.shape, self.device = cfg, start, params, shape, device
-        self.t0 = 0.0
-        self.at = min(cfg.iters, start + 1 + self.MEASURE)
-        self.done = cfg.iters - start < 2  # nothing to estimate for a 1-step run
-
-    def due(self, k: int) -> bool:
-        if k == self.start + 1:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.t0 = time.perf_counter()
-        return not self.done and k == self.at
-
-    def report(self, k: int) -> list[str]:
-        self.done = True
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        per = (time.perf_counter() - self.t0) / max(1, k - self.start - 1)
-        left = self.cfg.iters - k
-        lines = [
-            estimate_line(
-                self.cfg,
-                per_step=per,
-                measured=f"steps {self.start + 2}-{k}",
-                steps_left=left,
-                params=self.params,
-                memory=peak_memory_bytes(self.device),
-            )
-        ]
-        hint = smaller_hint(self.cfg, self.shape, self.device, per * left)
-        return lines + ([hint] if hint else [])
 
 
 def _diverged(out: Path, cfg: TrainConfig, k: int, what: str, saved: int | None) -> None:
@@ -374,25 +352,3 @@ def _diverged(out: Path, cfg: TrainConfig, k: int, what: str, saved: int | None)
         else "nothing of this run was saved"
     )
     raise TrainingError(f"training diverged at step {k}: {what} (--lr {cfg.lr:g} too high?); {kept}")
-
-
-def _preview(ema, schedule: Schedule, cfg: TrainConfig, ds: Dataset, device) -> torch.Tensor:
-    how = cfg.preview(ds.is_image)
-    return reference_sample(
-        ema,
-        schedule,
-        cfg.prediction,
-        ds.sample_shape,
-        n=how["n"],
-        steps=how["steps"],
-        seed=cfg.seed,
-        clip=how["clip"],
-        device=device,
-    )
-
-
-def _write_previews(out: Path, x: torch.Tensor, cfg: TrainConfig, k: int) -> None:
-    (out / "samples").mkdir(exist_ok=True)
-    title = f"{cfg.data} step {k} ({cfg.sample_steps} DDPM steps)"
-    save_samples_png(x, out / "samples" / f"step_{k:07d}.png", title=title)
-    save_samples_png(x, out / "samples.png", title=title)

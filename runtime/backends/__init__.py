@@ -1,9 +1,11 @@
-"""Backends: one base class for every way of evaluating the denoiser, ``backend(x, t) -> model_output``.
+"""Backends: one base class for every way of evaluating the denoiser, ``backend(x, t[, y]) -> model_output``.
 
     with open_backend("unet.onnx", device="auto") as backend:   # torch | onnxruntime | tensorrt
         m = backend(x, t)          # x [N, *sample_shape] float32, t [N] int64 ORIGINAL timesteps, on backend.device
+        m = backend(x, t, y)       # a class-conditional artifact (backend.classes): y [N] int64, its classes
 
-The artifact decides the backend: a checkpoint (``.safetensors``) runs in PyTorch, an ONNX file in
+The artifact decides the backend: a checkpoint (``.safetensors``) or a diffusers folder (converted by
+ddpm/diffusers_folder.py into the same native network) runs in PyTorch, an ONNX file in
 onnxruntime (or OpenVINO: ``runtime="openvino"``, CPU only), a TensorRT engine in TensorRT. ``precision``
 (fp32 | bf16 | fp16, default: the artifact's own) is checked here, once, against the runtime, the device and the
 file: bf16 on CPU through OpenVINO or torch autocast, fp16/bf16 on CUDA through an fp16 export, a TensorRT
@@ -21,10 +23,11 @@ import torch
 
 from ddpm.artifacts import artifact_kind, read_metadata
 from ddpm.devices import default_cpu_threads, resolve_device
+from ddpm.diffusers_folder import is_diffusers_folder
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.precision import Precision, artifact_precision, parse_precision
 
-from .base import Backend, BackendClosedError, check_call
+from .base import Backend, BackendClosedError, check_call, check_classes
 from .onnx_backend import OnnxRuntimeBackend
 from .openvino_backend import OpenVINOBackend, require_cpu
 from .tensorrt_backend import TensorRTBackend
@@ -41,6 +44,7 @@ __all__ = [
     "TensorRTBackend",
     "TorchBackend",
     "check_call",
+    "check_classes",
     "default_cpu_threads",
     "open_backend",
     "parse_runtime",
@@ -48,9 +52,19 @@ __all__ = [
 ]
 
 # artifact kind (ddpm.artifacts) -> backend name
-BACKEND_FOR_KIND = {"checkpoint": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
+BACKEND_FOR_KIND = {
+    "checkpoint": "torch",
+    "diffusers": "torch",
+    "onnx": "onnxruntime",
+    "tensorrt": "tensorrt",
+}
 # artifact kind -> the runtimes that can run it, the default first
-RUNTIMES = {"checkpoint": ("torch",), "onnx": ("onnxruntime", "openvino"), "tensorrt": ("tensorrt",)}
+RUNTIMES = {
+    "checkpoint": ("torch",),
+    "diffusers": ("torch",),
+    "onnx": ("onnxruntime", "openvino"),
+    "tensorrt": ("tensorrt",),
+}
 
 
 def parse_runtime(runtime: str | None, kind: str, path: Path) -> str:
@@ -115,7 +129,7 @@ def _check_options(path: Path, kind: str, *, compile: bool, threads: int | None)
         raise ArtifactError(
             f"{path}: artifact kind {kind!r} has no backend; allowed: {', '.join(BACKEND_FOR_KIND)}"
         )
-    if compile and kind != "checkpoint":
+    if compile and BACKEND_FOR_KIND[kind] != "torch":
         raise InvalidArgumentError(
             f"--compile applies to the torch backend (a checkpoint); {path.name} is {kind}"
         )
@@ -137,7 +151,8 @@ def open_backend(
     loader, onnxruntime), and handed to the backend.
 
     Args:
-        engine: path of a checkpoint, ONNX file or TensorRT engine (with its ``.json`` sidecar).
+        engine: path of a checkpoint, ONNX file, TensorRT engine (with its ``.json`` sidecar) or diffusers folder
+            (its EMA weights when it holds both).
         device: auto | cpu | cuda | cuda:N.
         compile: torch backend only: wrap the model in ``torch.compile``.
         threads: CPU intra-op threads (onnxruntime CPU EP and torch on CPU); default: the cores available.
@@ -149,9 +164,11 @@ def open_backend(
     path = Path(engine)
     if not path.exists():
         raise ArtifactError(f"engine file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ArtifactError(f"engine {str(path)!r} is a directory; give a checkpoint, ONNX or TensorRT file")
-    kind = artifact_kind(path)
+    kind = artifact_kind(path) if not path.is_dir() or is_diffusers_folder(path) else None
+    if kind is None:
+        raise ArtifactError(
+            f"engine {str(path)!r} is a directory; give a checkpoint, ONNX or TensorRT file (or a diffusers folder)"
+        )
     _check_options(path, kind, compile=compile, threads=threads)
     name = parse_runtime(runtime, kind, path)
     want = parse_precision(precision)

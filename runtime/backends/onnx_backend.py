@@ -1,6 +1,7 @@
 """The onnxruntime backend: an exported ``unet.onnx`` on the CPU or CUDA execution provider.
 
-Inputs and the output are bound with IO binding to torch tensors' memory on both providers, so nothing is
+Inputs (x, t, and y for a class-conditional export) and the output are bound with IO binding to torch tensors'
+memory on both providers, so nothing is
 copied per call: on CPU onnxruntime reads x and writes its output in place; on CUDA the buffers are device
 memory shared with torch and the session runs on the torch stream the sampling loop uses
 (``user_compute_stream``), with no host synchronisation after a run. ``cuda_graph=True`` turns on onnxruntime's
@@ -66,7 +67,11 @@ def onnxruntime_session(
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or default_cpu_threads()
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only: warnings about unused initialisers etc. are noise here
+    # onnxruntime's own log (coloured [E:onnxruntime:...] lines on stderr) is silenced: what it reports reaches the
+    # user once, as the exception our one-line error is made of; DDPM_DEBUG=1 shows it too (warnings and up).
+    debug = os.environ.get("DDPM_DEBUG") == "1"
+    so.log_severity_level = 2 if debug else 4
+    ort.set_default_logger_severity(2 if debug else 4)
     # No busy-waiting between ops: the fused step's OpenMP threads run right after each call, and two
     # spinning pools on the same cores starve each other (measured on a 2-core machine with a second
     # process busy: batch-64 digits UNet 45 ms/call spinning, 23 ms not; 21 ms on one thread).
@@ -153,21 +158,27 @@ class OnnxRuntimeBackend(Backend):
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.binding = self.session.io_binding()
         self._out: torch.Tensor | None = None
-        self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+        self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+        self._y: torch.Tensor | None = None
 
     def _find_io(self) -> None:
-        """Name the x / t inputs and the output, and check them against the metadata's sample shape."""
+        """Name the x / t (/ y) inputs and the output, and check them against the metadata's sample shape and
+        classes (a conditional export has an int64 input named ``y``)."""
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         rank = 1 + len(self.sample_shape)
+        cond = self.classes is not None
+        ys = [i for i in ins if cond and i.name == "y" and len(i.shape) == 1 and i.type == "tensor(int64)"]
         xs = [i for i in ins if i.type == "tensor(float)" and len(i.shape) == rank]
-        ts = [i for i in ins if i not in xs and len(i.shape) == 1 and i.type in _ORT_TYPES]
-        if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
+        ts = [i for i in ins if i not in xs and i not in ys and len(i.shape) == 1 and i.type in _ORT_TYPES]
+        if len(ins) != 2 + cond or len(xs) != 1 or len(ts) != 1 or len(ys) != cond or len(outs) != 1:
             sig = ", ".join(f"{i.name}: {i.type}{i.shape}" for i in ins)
+            y = " and y [N] int64 (its metadata says class-conditional)" if cond else ""
             raise ArtifactError(
                 f"{self.source}: expected a denoiser with inputs x [N, {', '.join(map(str, self.sample_shape))}] "
-                f"float32 and t [N] and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
+                f"float32 and t [N]{y} and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
             )
         x, t = xs[0], ts[0]
+        self.y_name = ys[0].name if cond else None
         for got, want in zip(x.shape[1:], self.sample_shape, strict=True):
             if isinstance(got, int) and got != want:
                 raise ArtifactError(
@@ -184,7 +195,7 @@ class OnnxRuntimeBackend(Backend):
         bind = self.binding.bind_output if output else self.binding.bind_input
         bind(name, kind, index, dtype, list(tensor.shape), tensor.data_ptr())
 
-    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         if self.fixed_batch is not None and n != self.fixed_batch:
             raise InvalidArgumentError(
@@ -192,33 +203,41 @@ class OnnxRuntimeBackend(Backend):
                 "or export with a dynamic batch"
             )
         if self.cuda_graph:
-            return self._call_graph(x, t)
+            return self._call_graph(x, t, y)
         x = x.contiguous()
         t = t.to(self.t_dtype).contiguous()
-        if self._out is None or self._out.shape != x.shape:
-            self._out = torch.empty_like(x)
+        if self._out is None or self._out.shape[0] != x.shape[0]:
+            self._out = x.new_empty((x.shape[0], *self.output_shape))
             self._bind(self.out_name, self._out, output=True)
         self._bind(self.x_name, x)
         self._bind(self.t_name, t)
+        if y is not None:
+            y = y.contiguous()
+            self._y = y  # bound by address: alive until the run returns
+            self._bind(self.y_name, y)
         self.session.run_with_iobinding(self.binding, self.run_options)
         return self._out
 
-    def _call_graph(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _call_graph(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """onnxruntime CUDA graph: one graph per batch size (``gpu_graph_id``), fixed buffers per graph."""
         n = x.shape[0]
         if n not in self._static:
-            xs, ts, out = (
+            xs, ts, ys, out = (
                 torch.empty_like(x),
                 torch.empty(n, dtype=self.t_dtype, device=x.device),
-                torch.empty_like(x),
+                torch.empty(n, dtype=torch.int64, device=x.device),
+                x.new_empty((n, *self.output_shape)),
             )
-            self._static[n] = (xs, ts, out, len(self._static))
-        xs, ts, out, graph_id = self._static[n]
+            self._static[n] = (xs, ts, ys, out, len(self._static))
+        xs, ts, ys, out, graph_id = self._static[n]
         if xs.data_ptr() != x.data_ptr():
             xs.copy_(x)
         ts.copy_(t)
         self._bind(self.x_name, xs)
         self._bind(self.t_name, ts)
+        if y is not None:
+            ys.copy_(y)
+            self._bind(self.y_name, ys)
         self._bind(self.out_name, out, output=True)
         self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.session.run_with_iobinding(self.binding, self.run_options)
@@ -227,5 +246,5 @@ class OnnxRuntimeBackend(Backend):
     def _release(self) -> None:
         self.binding = None
         self.session = None
-        self._out = None
+        self._out = self._y = None
         self._static.clear()

@@ -6,7 +6,8 @@ file in bf16 on AVX512-BF16/AMX (``INFERENCE_PRECISION_HINT``), about 4x faster 
 called with (static shapes are faster; the last two sizes are kept). OpenVINO's CPU plugin defaults to bf16 on a bf16-capable CPU, so fp32 is asked for
 explicitly: a run is in the precision it says.
 
-Nothing is copied per call: x and t are wrapped as ``ov.Tensor`` over the torch tensors' memory
+Nothing is copied per call: x and t (and y, a conditional export's classes) are wrapped as ``ov.Tensor`` over
+the torch tensors' memory
 (``Tensor.numpy()`` shares it) and the output tensor is a torch buffer OpenVINO writes into. The ddpm metadata
 is decoded from the ONNX ``metadata_props`` that OpenVINO's reader keeps in ``rt_info["framework"]``, with the
 same decoder as the onnxruntime backend, so the file is parsed once.
@@ -62,6 +63,8 @@ class OpenVINOBackend(Backend):
 
     name = "openvino"
     capturable = False
+    # OpenVINO raises RuntimeError from infer(); on the first call it becomes one ArtifactError naming the file
+    runtime_errors = (RuntimeError,)
 
     def __init__(
         self,
@@ -123,7 +126,10 @@ class OpenVINOBackend(Backend):
             model = self._model
             if self.fixed_batch is None:
                 model = model.clone()
-                model.reshape({self.x_index: [batch, *self.sample_shape], self.t_index: [batch]})
+                shapes = {self.x_index: [batch, *self.sample_shape], self.t_index: [batch]}
+                if self.y_index is not None:
+                    shapes[self.y_index] = [batch]
+                model.reshape(shapes)
             try:
                 compiled = self.core.compile_model(model, "CPU", self._config)
             except Exception as e:  # OpenVINO raises plain RuntimeErrors
@@ -137,18 +143,27 @@ class OpenVINOBackend(Backend):
         return self.request
 
     def _find_io(self, model: Any) -> None:
-        """Input indices of x and t, checked against the metadata's sample shape (as the onnxruntime backend)."""
+        """Input indices of x, t (and y, named ``y``, for a conditional export), checked against the metadata's
+        sample shape and classes (as the onnxruntime backend)."""
         rank = 1 + len(self.sample_shape)
         ins, outs = list(model.inputs), list(model.outputs)
-        xs = [k for k, i in enumerate(ins) if i.get_partial_shape().rank.get_length() == rank]
-        ts = [k for k, i in enumerate(ins) if k not in xs and i.get_partial_shape().rank.get_length() == 1]
-        if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
+        cond = self.classes is not None
+
+        def rank_of(i: Any) -> int:
+            return i.get_partial_shape().rank.get_length()
+
+        ys = [k for k, i in enumerate(ins) if cond and "y" in i.get_names() and rank_of(i) == 1]
+        xs = [k for k, i in enumerate(ins) if rank_of(i) == rank and k not in ys]
+        ts = [k for k, i in enumerate(ins) if k not in xs and k not in ys and rank_of(i) == 1]
+        if len(ins) != 2 + cond or len(xs) != 1 or len(ts) != 1 or len(ys) != cond or len(outs) != 1:
             sig = ", ".join(f"{i.get_any_name()}: {i.get_element_type()}{i.get_partial_shape()}" for i in ins)
+            y = " and y [N] int64 (its metadata says class-conditional)" if cond else ""
             raise ArtifactError(
                 f"{self.source}: expected a denoiser with inputs x [N, {', '.join(map(str, self.sample_shape))}] "
-                f"and t [N] and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
+                f"and t [N]{y} and one output; this model has inputs ({sig}) and {len(outs)} output(s)"
             )
         self.x_index, self.t_index = xs[0], ts[0]
+        self.y_index = ys[0] if cond else None
         xshape = ins[self.x_index].get_partial_shape()
         for got, want in zip(list(xshape)[1:], self.sample_shape, strict=True):
             if got.is_static and got.get_length() != want:
@@ -160,7 +175,7 @@ class OpenVINOBackend(Backend):
         self.t_dtype = torch.int32 if tt == self._ov.Type.i32 else torch.int64
         self.fixed_batch = xshape[0].get_length() if xshape[0].is_static else None
 
-    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.fixed_batch is not None and x.shape[0] != self.fixed_batch:
             raise InvalidArgumentError(
                 f"{self.source} was exported for batch {self.fixed_batch} only; use --batch {self.fixed_batch} "
@@ -169,12 +184,15 @@ class OpenVINOBackend(Backend):
         x = x.contiguous()
         t = t.to(self.t_dtype).contiguous()
         ov, req = self._ov, self._request_for(int(x.shape[0]))
-        if self._out is None or self._out.shape != x.shape:
-            self._out = torch.empty_like(x)
+        if self._out is None or self._out.shape[0] != x.shape[0]:
+            self._out = x.new_empty((x.shape[0], *self.output_shape))
             req.set_output_tensor(0, ov.Tensor(self._out.numpy(), shared_memory=True))
         # The tensors view torch's memory; keep x and t alive until the (synchronous) infer returns.
         req.set_input_tensor(self.x_index, ov.Tensor(x.numpy(), shared_memory=True))
         req.set_input_tensor(self.t_index, ov.Tensor(t.numpy(), shared_memory=True))
+        if y is not None:
+            y = y.contiguous()
+            req.set_input_tensor(self.y_index, ov.Tensor(y.numpy(), shared_memory=True))
         req.infer()
         return self._out
 

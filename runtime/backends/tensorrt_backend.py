@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ddpm.artifacts import check_engine_compat, read_metadata
-from ddpm.devices import gpu_facts, import_tensorrt
+from ddpm.devices import gpu_facts, import_tensorrt, tensorrt_logger
 from ddpm.errors import ArtifactError, InvalidArgumentError, SamplingError
 from ddpm.precision import artifact_precision
 
@@ -28,7 +28,7 @@ __all__ = ["TensorRTBackend", "import_tensorrt"]
 
 
 class TensorRTBackend(Backend):
-    """One TensorRT execution context over a deserialised engine; ``backend(x, t)`` on a CUDA device.
+    """One TensorRT execution context over a deserialised engine; ``backend(x, t[, y])`` on a CUDA device.
 
     ``meta``: the sidecar's metadata when the caller already read it (``open_backend``); otherwise it is read
     here, before anything else, so a missing or inconsistent sidecar is reported first on any machine.
@@ -54,7 +54,7 @@ class TensorRTBackend(Backend):
         check_engine_compat(meta, trt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
                             source=str(self.path))  # fmt: skip
         self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = tensorrt_logger(trt)  # errors kept for our message, printed only under DDPM_DEBUG=1
         with torch.cuda.device(device):
             self._runtime = trt.Runtime(self._logger)
             if meta.get("version_compatible"):
@@ -62,8 +62,10 @@ class TensorRTBackend(Backend):
                 self._runtime.engine_host_code_allowed = True
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
+                why = "; ".join(self._logger.errors[-2:])[:200]
                 raise ArtifactError(
                     f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine"
+                    + (f" ({why})" if why else "")
                 )
             self.context = self.engine.create_execution_context()
         super().__init__(meta, device, description=f"tensorrt {trt.__version__} on {gpu_name}")
@@ -78,14 +80,17 @@ class TensorRTBackend(Backend):
         names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
         ins = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        rank = 1 + len(self.sample_shape)
+        rank, cond = 1 + len(self.sample_shape), self.classes is not None
+        ys = [n for n in ins if cond and n == "y" and len(eng.get_tensor_shape(n)) == 1]
         xs = [n for n in ins if len(eng.get_tensor_shape(n)) == rank]
-        ts = [n for n in ins if n not in xs and len(eng.get_tensor_shape(n)) == 1]
-        if len(ins) != 2 or len(xs) != 1 or len(ts) != 1 or len(outs) != 1:
+        ts = [n for n in ins if n not in xs and n not in ys and len(eng.get_tensor_shape(n)) == 1]
+        if len(ins) != 2 + cond or len(xs) != 1 or len(ts) != 1 or len(ys) != cond or len(outs) != 1:
+            y = " and y [N] (its sidecar says class-conditional)" if cond else ""
             raise ArtifactError(
-                f"{self.path}: expected inputs x [N, ...] and t [N] and one output, got {names}"
+                f"{self.path}: expected inputs x [N, ...] and t [N]{y} and one output, got {names}"
             )
         self.x_name, self.t_name, self.out_name = xs[0], ts[0], outs[0]
+        self.y_name = ys[0] if cond else None
         dtypes = {
             trt.DataType.FLOAT: torch.float32,
             trt.DataType.HALF: torch.float16,
@@ -95,6 +100,7 @@ class TensorRTBackend(Backend):
         try:
             self.x_dtype = dtypes[eng.get_tensor_dtype(self.x_name)]
             self.t_dtype = dtypes[eng.get_tensor_dtype(self.t_name)]
+            self.y_dtype = dtypes[eng.get_tensor_dtype(self.y_name)] if cond else torch.int64
             self.out_dtype = dtypes[eng.get_tensor_dtype(self.out_name)]
         except KeyError as e:
             raise ArtifactError(f"{self.path}: unsupported IO tensor type {e.args[0]}") from None
@@ -106,7 +112,7 @@ class TensorRTBackend(Backend):
                 f"{list(self.sample_shape)}"
             )
 
-    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         if n != self._n:
             if not (self.min_batch <= n <= self.max_batch):
@@ -116,15 +122,20 @@ class TensorRTBackend(Backend):
                 )
             self.context.set_input_shape(self.x_name, tuple(x.shape))
             self.context.set_input_shape(self.t_name, (n,))
-            self._out = torch.empty(x.shape, dtype=self.out_dtype, device=self.device)
+            if self.y_name is not None:
+                self.context.set_input_shape(self.y_name, (n,))
+            self._out = torch.empty((n, *self.output_shape), dtype=self.out_dtype, device=self.device)
             self.context.set_tensor_address(self.out_name, self._out.data_ptr())
             self._n = n
         # Inputs converted only when the engine's IO types differ (an fp16-IO engine, int32 timesteps).
         xin = x if self.x_dtype == torch.float32 else x.to(self.x_dtype)
         tin = t if self.t_dtype == torch.int64 else t.to(self.t_dtype)
-        self._keep = (xin, tin)  # the engine reads these asynchronously: keep them alive until the next call
+        yin = None if y is None else (y if self.y_dtype == torch.int64 else y.to(self.y_dtype))
+        self._keep = (xin, tin, yin)  # the engine reads these asynchronously: alive until the next call
         self.context.set_tensor_address(self.x_name, xin.data_ptr())
         self.context.set_tensor_address(self.t_name, tin.data_ptr())
+        if yin is not None:
+            self.context.set_tensor_address(self.y_name, yin.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise SamplingError(
                 f"{self.path.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)"

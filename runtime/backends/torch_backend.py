@@ -5,7 +5,8 @@ with weights and activations channels-last (oneDNN's bf16 convolutions want NHWC
 per layer); the output is cast back to float32 contiguous, so the step kernel never sees 16-bit values.
 
 On a GPU its calls can be recorded in a CUDA graph by the sampling loop (``capturable``): the model reads x and
-t from fixed buffers and writes its output into memory the graph's private pool owns.
+t (and y, a conditional model's classes) from fixed buffers and writes its output into memory the graph's
+private pool owns.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["TorchBackend"]
 
 
 class TorchBackend(Backend):
-    """``backend(x, t) = model(x, t)`` under ``torch.inference_mode``, on ``device``."""
+    """``backend(x, t[, y]) = model(x, t[, y])`` under ``torch.inference_mode``, on ``device``."""
 
     name = "torch"
     capturable = True
@@ -75,30 +76,34 @@ class TorchBackend(Backend):
         threads: int | None = None,
         precision: Precision = Precision.FP32,
     ) -> TorchBackend:
-        """Load a safetensors checkpoint (no code runs while loading); its metadata comes with the weights."""
+        """Load a safetensors checkpoint or a diffusers folder (no code runs while loading); its metadata comes
+        with the weights."""
         _check_precision(precision, torch.device(device))  # before the weights are read
         model, meta = load_model(path, device=device)
         return cls(
             model, meta, device, compile=compile, source=os.fspath(path), threads=threads, precision=precision
         )
 
-    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, t) if y is None else (x, t, y)
         with torch.inference_mode():
             if self.precision.reduced:
-                out = self._infer_autocast(x, t)
+                out = self._infer_autocast(*args)
             else:
-                out = self._fn(x, t)
-        if out.shape != x.shape:
-            raise InvalidArgumentError(f"model output shape {list(out.shape)} != input shape {list(x.shape)}")
+                out = self._fn(*args)
+        if tuple(out.shape[1:]) != self.output_shape:
+            raise InvalidArgumentError(
+                f"model output shape {list(out.shape)} != [N, {', '.join(map(str, self.output_shape))}]"
+            )
         return out
 
-    def _infer_autocast(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _infer_autocast(self, x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
         dtype = torch.bfloat16 if self.precision is Precision.BF16 else torch.float16
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         # cache_enabled=False: a cached weight cast would outlive a CUDA-graph capture's private pool
         with torch.autocast(self.device.type, dtype=dtype, cache_enabled=False):
-            out = self._fn(x, t)
+            out = self._fn(x, t, *y)
         # the step kernel reads float32, contiguous: one copy does both
         return out.to(torch.float32, memory_format=torch.contiguous_format)
 

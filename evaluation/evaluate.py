@@ -8,6 +8,8 @@ count. Sample-based metrics are biased by the sample count (FD grows as the coun
   images:                  Fréchet distance (FID with the Inception weights file, else FD-classifier, a proxy),
                            precision/recall (k=3), and for labelled data classifier confidence and class coverage;
                            scale: n reference images against the rest of the reference (disjoint).
+  --per-class:             a class-conditional model's samples, class by class: class accuracy, confidence and
+                           FD-classifier against the reference images of that class (per_class.py).
 
 The reference can be cached (``reference.py``), as ADM's evaluator caches its reference batches: the
 feature statistics, a pool of features for precision/recall and the scales, the feature space they live in,
@@ -26,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from ddpm.errors import ArtifactError, InvalidArgumentError
+from ddpm.trainer.data import dataset_kind
 
-from .data import dataset_kind
 from .features import ClassifierFeatures
 from .metrics import feature_stats, frechet_distance, precision_recall, swissroll_energy_check
+from .per_class import check_classes, class_names, load_classes, per_class_scores
 from .reference import (
     ReferenceStats,
     cache_reference,
@@ -37,6 +40,7 @@ from .reference import (
     complement_stats,
     is_cached,
     prepare_reference,
+    reference_images,
     save_reference,
 )
 
@@ -102,10 +106,13 @@ class EvalReport:
     metrics: list[Metric]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # --per-class: per_class.ClassScore rows
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = {m.key: {k: v for k, v in asdict(m).items() if k != "key"} for m in self.metrics}
+        if not self.per_class:  # asked for with --per-class only
+            del d["per_class"]
         return d
 
 
@@ -233,13 +240,19 @@ def evaluate_report(
     device: str = "auto",
     image_size: int | None = None,
     save_ref: str | os.PathLike | None = None,
+    per_class: bool = False,
+    classes: np.ndarray | None = None,
 ) -> EvalReport:
     """Evaluate ``samples`` (an npz path or its ``arr_0``) against ``ref`` (dataset spec or cached ``.npz``);
-    ``save_ref`` also caches the reference statistics for later runs."""
+    ``save_ref`` also caches the reference statistics for later runs. ``per_class``: also score each class of a
+    class-conditional model's samples (``classes``: the class each was asked for, default the npz's
+    ``classes``; per_class.py)."""
     t0 = time.perf_counter()
     x = check_samples(samples) if isinstance(samples, np.ndarray) else load_samples(samples)
     info = {"path": None if isinstance(samples, np.ndarray) else str(samples), "count": len(x)}
     info["shape"] = list(x.shape[1:])
+    if per_class:
+        y = _asked_classes(samples, classes, x, ref)
     if x.dtype != np.uint8:
         if save_ref is not None or image_size is not None:
             raise InvalidArgumentError("--save-ref and --image-size apply to image references, not points")
@@ -267,7 +280,36 @@ def evaluate_report(
         "count": stats.count,
         "feature_space": stats.space,
     }
-    return EvalReport(info, reference, scale, metrics, notes, time.perf_counter() - t0)
+    rows = []
+    if per_class:
+        size = x.shape[1] if image_size is None and dataset_kind(str(ref)) == "folder" else image_size
+        found, overall, space = per_class_scores(
+            x, y, str(ref), reference_images(str(ref), size), extractor=extractor, seed=seed
+        )
+        rows = [r.to_dict() for r in found]
+        metrics.append(Metric("class_accuracy", "class accuracy", overall["value"], overall["scale"],
+                              overall["spread"], "share of samples the classifier assigns to the class they were "
+                              "asked for (scale: real images of the same classes)"))  # fmt: skip
+        reference["per_class_space"] = space
+    return EvalReport(info, reference, scale, metrics, notes, time.perf_counter() - t0, rows)
+
+
+def _asked_classes(samples: Any, classes: np.ndarray | None, x: np.ndarray, ref: Any) -> np.ndarray:
+    """--per-class's inputs, checked before any feature is computed: images, a dataset REF, the classes."""
+    if x.dtype != np.uint8:
+        raise InvalidArgumentError("--per-class scores images of a class-conditional model, not points")
+    if is_cached(ref):
+        raise InvalidArgumentError(
+            "--per-class needs a dataset as --ref (cached statistics hold no class labels)"
+        )
+    if classes is not None:
+        y = check_classes(classes, len(x))
+    elif isinstance(samples, np.ndarray):
+        raise InvalidArgumentError("--per-class needs the classes the samples were asked for")
+    else:
+        y = load_classes(samples, len(x))
+    class_names(str(ref), y)
+    return y
 
 
 def evaluate(
@@ -278,10 +320,14 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     image_size: int | None = None,
+    per_class: bool = False,
+    classes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Sample-quality metrics as a JSON-ready dict (``EvalReport.to_dict()``), for benchmarks and scripts:
-    ``metrics[key]`` holds ``name``, ``value``, ``scale`` (real vs real at the same count) and ``meaning``."""
+    ``metrics[key]`` holds ``name``, ``value``, ``scale`` (real vs real at the same count) and ``meaning``;
+    ``per_class`` (with ``per_class=True``) one row per class."""
     report = evaluate_report(
-        samples, ref, inception_weights=inception_weights, seed=seed, device=device, image_size=image_size
-    )
+        samples, ref, inception_weights=inception_weights, seed=seed, device=device, image_size=image_size,
+        per_class=per_class, classes=classes,
+    )  # fmt: skip
     return report.to_dict()

@@ -1,4 +1,4 @@
-"""`ddpm bench`: per-stage latency of engines against eager PyTorch (see runtime/bench.py)."""
+"""`ddpm bench`: per-stage latency of engines against eager PyTorch (see bench/run.py)."""
 
 from __future__ import annotations
 
@@ -73,11 +73,22 @@ def register(app: typer.Typer) -> None:
         md_out: Annotated[Path | None, typer.Option("--md", help="write the markdown table")] = None,
         plot: Annotated[Path | None, typer.Option(help="bar plot of speed-ups (PNG)")] = None,
         progress: Annotated[bool, typer.Option(help="say on stderr what is being measured")] = True,
+        class_: Annotated[
+            str | None,
+            typer.Option("--class", help="class-conditional engines: the classes, as for ddpm run"),
+        ] = None,
+        guidance: Annotated[
+            float | None,
+            typer.Option(
+                help="classifier-free guidance scale S: every stage runs the guided (2N-row) forward"
+            ),
+        ] = None,
     ) -> None:
         """Latency per stage (forward, update, loop), samples/s and peak memory vs eager PyTorch, with floors;
         the targets' verdict is withheld when the machine was too busy to trust."""
         # torch loads with the bench modules, here and not at import: `ddpm --help` stays fast
-        from .bench import BenchConfig, plot_report, render_markdown, run_bench, verdict_line
+        from .config import BenchConfig
+        from .run import plot_report, render_markdown, run_bench, verdict_line
 
         for p, what in ((json_out, "--json"), (md_out, "--md"), (plot, "--plot")):
             if p is not None:
@@ -96,6 +107,8 @@ def register(app: typer.Typer) -> None:
             command=invocation(),
             runtimes=_names(runtime),
             precisions=_names(precision),
+            classes=class_,
+            guidance=guidance,
         )
         report = run_bench(cfg, log=lambda s: typer.echo(s, err=True) if progress else None)
         md = render_markdown(report)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ddpm.images import new_figure, save_figure
 
-from .bench_trust import verdict_line
+from .trust import verdict_line
 
 __all__ = ["render_markdown", "plot_report"]
 

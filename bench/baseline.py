@@ -49,6 +49,6 @@ def eager_loop(
     n = x.shape[0]
     for i in steps:
         t = torch.full((n,), int(sched.timesteps[i]), dtype=torch.int64, device=x.device)
-        eps = model(x, t)
+        eps = model(x, t)[:, : x.shape[1]]  # a learned-variance model's output: the eps channels only
         x = eager_update(sched, i, x, eps)
     return x

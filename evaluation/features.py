@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.errors import ArtifactError
+from ddpm.trainer.data import load_labels
 
-from .data import _read_maybe_gz, dataset_kind
 from .inception import FEATURE_DIM, FIDInceptionV3, inception_pool3
 
 __all__ = ["ClassifierFeatures", "InceptionFeatures", "reference_labels", "train_classifier"]
@@ -175,40 +174,8 @@ class InceptionFeatures:
 
 def reference_labels(spec: str, count: int) -> np.ndarray | None:
     """Class labels [count] of a labelled dataset, in ``load_dataset``'s order; None for unlabelled ones
-    (folder) or when the label file is not beside the images."""
-    kind = dataset_kind(spec)
-    folder = Path(spec.split(":", 1)[1]) if ":" in spec else None
-    if kind == "digits":
-        from sklearn.datasets import load_digits
-
-        labels = load_digits().target
-    elif kind == "mnist" and folder is not None:
-        labels = _mnist_labels(folder)
-    elif kind == "cifar10" and folder is not None:
-        labels = _cifar10_labels(folder)
-    else:
-        return None
+    (ddpm.trainer.data.load_labels)."""
+    labels = load_labels(spec)
     if labels is not None and len(labels) != count:
         raise ArtifactError(f"{spec}: {len(labels)} labels for {count} images")
     return labels
-
-
-def _mnist_labels(folder: Path) -> np.ndarray | None:
-    names = ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte")
-    found = [folder / (n + gz) for n in names for gz in ("", ".gz") if (folder / (n + gz)).is_file()]
-    if not found:
-        return None
-    raw = _read_maybe_gz(found[0])
-    # IDX labels: magic 0x00000801 (unsigned byte, 1 dim), then N, then N bytes.
-    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != 0x0801:
-        raise ArtifactError(f"{found[0]}: not an IDX label file (expected magic 0x00000801)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
-
-
-def _cifar10_labels(folder: Path) -> np.ndarray:
-    # The same files, in the same order, as data.py's loader: the label is each record's first byte.
-    files = sorted(folder.glob("data_batch_*.bin")) or sorted(
-        folder.glob("cifar-10-batches-bin/data_batch_*.bin")
-    )
-    parts = [np.frombuffer(_read_maybe_gz(f), dtype=np.uint8).reshape(-1, 3073)[:, 0] for f in files]
-    return np.concatenate(parts).astype(np.int64)

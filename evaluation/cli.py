@@ -28,13 +28,50 @@ def _rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
     return [(m.name, f"{m.value:.4g}", f"{m.scale:.4g} ± {m.spread:.2g}", m.meaning) for m in report.metrics]
 
 
+def _num(v: float | None, spread: float | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if spread is None else f"{v:.4g} ± {spread:.2g}"
+
+
+_CLASS_HEAD = (
+    "class",
+    "samples",
+    "accuracy",
+    "(real)",
+    "confidence",
+    "(real)",
+    "FD-classifier",
+    "(real ± std)",
+)
+_CLASS_NOTE = (
+    "per class: the classifier's accuracy and confidence on the samples asked for the class, and FD-classifier "
+    "to the reference images of that class; (real): the same for as many reference images of the class"
+)
+
+
+def _class_rows(report: EvalReport) -> list[tuple[str, ...]]:
+    return [
+        (f"{r['class']} {r['name']}" if r["name"] != str(r["class"]) else r["name"], str(r["count"]),
+         _num(r["accuracy"]), _num(r["accuracy_scale"]), _num(r["confidence"]), _num(r["confidence_scale"]),
+         _num(r["fd"]), _num(r["fd_scale"], r["fd_spread"]))
+        for r in report.per_class
+    ]  # fmt: skip
+
+
 def render_table(report: EvalReport) -> str:
-    """Plain-text table: metric, value, scale (real vs real ± its spread), what it means."""
+    """Plain-text table: metric, value, scale (real vs real ± its spread), what it means; then the per-class
+    table of ``--per-class``."""
     head = ("metric", "value", "scale", "what it means")
     rows = [head, *_rows(report)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [_title(report), ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+    if report.per_class:
+        table = [_CLASS_HEAD, *_class_rows(report)]
+        widths = [max(len(r[i]) for r in table) for i in range(len(_CLASS_HEAD))]
+        lines += ["", _CLASS_NOTE]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines += ["", f"scale: {report.scale}"] + [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -46,6 +83,9 @@ def render_markdown(report: EvalReport) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(r)} |" for r in _rows(report)]
+    if report.per_class:
+        lines += ["", f"{_CLASS_NOTE[0].upper()}{_CLASS_NOTE[1:]}.", "", f"| {' | '.join(_CLASS_HEAD)} |"]
+        lines += ["|" + "---|" * len(_CLASS_HEAD)] + [f"| {' | '.join(r)} |" for r in _class_rows(report)]
     lines += ["", f"Scale: {report.scale}.", ""] + [f"- Note: {n}" for n in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -75,6 +115,14 @@ def eval_cmd(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the proxy classifier and the real-vs-real splits")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda, for the Inception network")] = "auto",
+    per_class: Annotated[
+        bool,
+        typer.Option(
+            "--per-class",
+            help="class-conditional samples (the npz's classes: the class each was asked for): per class, the "
+            "classifier's accuracy and confidence and FD-classifier against that class's reference images",
+        ),
+    ] = False,
 ) -> None:
     """Measure sample quality offline: energy distance for points; FID (or the FD-classifier proxy),
     precision/recall and class metrics for images, each beside its real-vs-real scale."""
@@ -94,7 +142,7 @@ def eval_cmd(
             typer.echo(f"note: {n}", err=True)
         typer.echo(f"wrote {save_ref}: {stats.count} images of {stats.dataset}, feature space {stats.space}")
         return
-    report = evaluate_report(samples, ref, save_ref=save_ref, **opts)
+    report = evaluate_report(samples, ref, save_ref=save_ref, per_class=per_class, **opts)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -7,7 +7,7 @@ made-up ones):
     spread       p90 / median of every row a verdict rests on (every stage of each engine x batch a target
                  applies to) timed often enough, and long enough a call, for its spread to be the machine's
     CPU share    of the CPU time this process's threads asked for while those rows were timed, the fraction
-                 they got (runtime/timing.py, ``CpuUse.share``); rows timed for too short a time to say are
+                 they got (bench/timing.py, ``CpuUse.share``); rows timed for too short a time to say are
                  reported but not judged
     load         the 1-minute load average per core before the run, and after it less this process's own
                  threads (the load average counts them too)
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .bench_stages import FUSED_TABLE
+from .stages import FUSED_TABLE
 
 __all__ = [
     "TARGETS",

@@ -1,6 +1,6 @@
 """Timing done right: warm-up excluded, the device synchronised before the clock is read, repeats summarised
 by median, p10 and p90, results consumed so no work is timed that never ran, and the CPU this process got while
-it was timed recorded beside the times (a busy machine makes fast code look slow: runtime/bench_trust.py)."""
+it was timed recorded beside the times (a busy machine makes fast code look slow: bench/trust.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+
+from ddpm.errors import SamplingError
 
 __all__ = ["Timing", "CpuUse", "CpuMeter", "time_fn", "sync", "peak_memory_reset", "peak_memory_bytes"]
 
@@ -138,12 +140,13 @@ def time_fn(
     repeats: int = 20,
     min_time: float = 0.0,
     max_time: float = 30.0,
+    what: str = "the timed function",
 ) -> Timing:
     """Time ``fn(k)`` (k = call counter, for rotating inputs) per call.
 
     Each timed call is bracketed by device synchronisation. Repeats continue until both ``repeats`` calls and
     ``min_time`` seconds are reached, but stop after ``max_time`` seconds (at least 3 calls). The last result must be
-    a finite tensor (or None): a NaN would mean the work was garbage, not fast.
+    a finite tensor (or None): a NaN would mean the work was garbage, not fast (SamplingError naming ``what``).
     """
     out = None
     for k in range(warmup):
@@ -166,7 +169,9 @@ def time_fn(
             break
     cpu = meter.read()
     if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
-        raise RuntimeError("timed function produced non-finite output; refusing to report its time")
+        raise SamplingError(
+            f"{what} produced NaN/Inf, so its time means nothing; the model or its export is broken"
+        )
     median, mean = statistics.median(times), statistics.fmean(times)
     return Timing(median, _percentile(times, 0.9), mean, len(times), _percentile(times, 0.1), cpu)
 

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from ddpm.errors import InvalidArgumentError
-
-from .data import swissroll
+from ddpm.trainer.data import swissroll
 
 __all__ = [
     "energy_distance",

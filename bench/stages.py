@@ -1,6 +1,6 @@
 """The three measured stages of ``ddpm bench`` for one engine x batch size: forward, update, loop.
 
-Each stage times the engine's way against the eager-PyTorch baseline of runtime/baseline.py and returns its
+Each stage times the engine's way against the eager-PyTorch baseline of bench/baseline.py and returns its
 report rows (median, p10, p90, the CPU share this process got while timed, floor, speed-up over the stage's
 baseline). The engine's loop is the project's one reverse loop (``ddpm.reverse``, via runtime/sampling.py) with
 the sampler asked for; the baseline loop stays the DDPM loop of separate torch ops + randn, on purpose outside
@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,16 +28,14 @@ from ddpm.diffusion import step as reference_step
 from ddpm.kernels import DeviceStepTable, HostStepTable, fused_step_raw
 from ddpm.models import build_model
 from ddpm.precision import Precision
+from ddpm.runtime.sampling import SamplingPlan, sample_batch
+from ddpm.runtime.sampling_graph import CudaGraphExecutor
 from ddpm.schedule import COEF_C, Sampler
 
 from . import baseline
+from .config import BenchConfig
 from .floors import DeviceRates, count_flops
-from .sampling import SamplingPlan, sample_batch
-from .sampling_graph import CudaGraphExecutor
 from .timing import Timing, peak_memory_bytes, peak_memory_reset, sync, time_fn
-
-if TYPE_CHECKING:
-    from .bench import BenchConfig
 
 __all__ = ["FUSED_TABLE", "Case", "eager_model", "bench_case", "bench_variant", "autocast_twin"]
 
@@ -47,7 +45,7 @@ _ROTATE = 4  # rotating inputs, so no stage times a cache that already holds its
 
 def eager_model(engine: Path, meta: dict[str, Any], ckpt: Path | None, device: torch.device):
     """The baseline network in eager torch, and where its weights came from."""
-    src = engine if artifact_kind(engine) == "checkpoint" else ckpt
+    src = engine if artifact_kind(engine) in ("checkpoint", "diffusers") else ckpt
     if src is not None:
         model, _ = load_model(src, device=device)
         return model.eval(), f"checkpoint {src.name}"
@@ -76,6 +74,33 @@ class Case:
         self.ts = [timesteps[i.to(self.dev)] for i in idx]
         self.ms = [torch.randn(self.shape, generator=gen).to(self.dev) for _ in range(_ROTATE)]
         self.history = torch.zeros(self.shape, device=self.dev) if self.plan.table[:, COEF_C].any() else None
+        # a learned-variance model's variance output, in its range [-1, 1] (the update's extra operand)
+        learned = self.plan.learned_variance
+        self.variance = torch.rand(self.shape, generator=gen).mul(2).sub(1).to(self.dev) if learned else None
+        # a class-conditional model: the plan's classes for the batch's rows; guided: one forward of 2N rows
+        self.y = self.plan.class_rows(0, self.batch, self.dev)
+        self.uncond = torch.randn(self.shape, generator=gen).to(self.dev) if self.plan.guided else None
+        self.engine = network_call(self.backend, self.plan, self.y, combine=False)
+        self.eager = network_call(self.model, self.plan, self.y, combine=True)
+
+
+def network_call(fn: Callable, plan: SamplingPlan, y: torch.Tensor | None, *, combine: bool) -> Callable:
+    """``call(x, t)``: the network as a step of ``plan`` calls it. Unconditional: fn(x, t). Conditional: with the
+    rows' classes. Guided: ONE forward of the 2N rows [x; x] with classes [y; null]; ``combine`` then forms
+    m_u + S (m_c - m_u) in torch (the eager baseline; the engine's kernel does it in the update instead)."""
+    if y is None:
+        return fn
+    if not plan.guided:
+        labels = y if plan.guidance == 1.0 else torch.full_like(y, plan.null)
+        return lambda x, t: fn(x, t, labels)
+    both = torch.cat([y, torch.full_like(y, plan.null)])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        out = fn(torch.cat([x, x]), torch.cat([t, t]), both)
+        return out[n:] + plan.guidance * (out[:n] - out[n:]) if combine else out
+
+    return guided
 
 
 def _row(stage: str, impl: str, t: Timing, floor_s: float | None, **extra: Any) -> dict[str, Any]:
@@ -89,8 +114,14 @@ def bench_forward(case: Case, floor_s: float | None) -> tuple[list[dict[str, Any
     """The network alone: eager torch vs the engine's backend, on the same rotating (x, t)."""
     xs, ts, reps = case.xs, case.ts, case.cfg.repeats
     with torch.inference_mode():
-        eager = time_fn(lambda k: case.model(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps)
-    engine = time_fn(lambda k: case.backend(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps)
+        eager = time_fn(
+            lambda k: case.eager(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps,
+            what="the eager baseline's forward",
+        )  # fmt: skip
+    engine = time_fn(
+        lambda k: case.engine(xs[k % _ROTATE], ts[k % _ROTATE]), device=case.dev, repeats=reps,
+        what=f"the {case.backend.name} forward",
+    )  # fmt: skip
     rows = [
         _row("forward", "eager torch (baseline)", eager, floor_s, speedup=1.0, baseline=True),
         _row("forward", case.backend.name, engine, floor_s, speedup=eager.median / engine.median),
@@ -102,7 +133,7 @@ def _table_stepper(case: Case, x: torch.Tensor, m: torch.Tensor, out: torch.Tens
     """The update as the loops run it: a step table (row + Philox step index from the table's counter),
     HostStepTable bound once on CPU, DeviceStepTable on CUDA. The counter runs down and wraps."""
     plan, steps = case.plan, case.plan.steps
-    kw = {} if case.history is None else {"history": case.history}
+    kw = _operands(case)
     if case.dev.type == "cuda":
         table = DeviceStepTable(plan.table, plan.clip, plan.seed, 0, case.dev)
 
@@ -123,6 +154,16 @@ def _table_stepper(case: Case, x: torch.Tensor, m: torch.Tensor, out: torch.Tens
     return run_cpu
 
 
+def _operands(case: Case) -> dict[str, Any]:
+    """The fused step's optional operands for this case: history, the learned variance, the guidance half."""
+    kw: dict[str, Any] = {} if case.history is None else {"history": case.history}
+    if case.variance is not None:
+        kw["variance"] = case.variance
+    if case.uncond is not None:
+        kw.update(uncond=case.uncond, guidance=case.plan.guidance)
+    return kw
+
+
 def bench_update(case: Case, floor_s: float) -> tuple[list[dict[str, Any]], Timing, Timing]:
     """One middle step (sigma > 0 for the stochastic samplers): the baseline's separate ops + randn_like vs
     ddpm.step vs the fused kernel, per call and from a step table."""
@@ -131,7 +172,13 @@ def bench_update(case: Case, floor_s: float) -> tuple[list[dict[str, Any]], Timi
     reps = case.cfg.repeats * 5
     seed_sched = baseline.EagerScheduler(plan.schedule, dev)
     out = torch.empty(case.shape, device=dev)
-    kw = {} if case.history is None else {"history": case.history}
+    kw = _operands(case)
+    var = {} if case.variance is None else {"variance_output": case.variance}
+    u, s = case.uncond, plan.guidance
+
+    def guided(m: torch.Tensor) -> torch.Tensor:  # the torch paths form the guided output themselves
+        return m if u is None else u + s * (m - u)
+
     opts = {
         "prediction": plan.prediction,
         "sampler": plan.sampler,
@@ -142,15 +189,16 @@ def bench_update(case: Case, floor_s: float) -> tuple[list[dict[str, Any]], Timi
     def reference(k: int) -> torch.Tensor:
         x, m = xs[k % _ROTATE], ms[k % _ROTATE]
         return reference_step(
-            plan.schedule, i, x, m, torch.randn_like(x), clip=plan.clip_or_none, **opts, **kw
-        )
+            plan.schedule, i, x, guided(m), torch.randn_like(x), clip=plan.clip_or_none, **opts,
+            **{k: v for k, v in kw.items() if k == "history"}, **var,
+        )  # fmt: skip
 
     def fused(k: int) -> torch.Tensor:
         x, m = xs[k % _ROTATE], ms[k % _ROTATE]
         return fused_step_raw(x, m, plan.rows32[i], plan.clip, plan.seed, i, 0, out, **kw)
 
     eager = time_fn(
-        lambda k: baseline.eager_update(seed_sched, i, xs[k % _ROTATE], ms[k % _ROTATE]),
+        lambda k: baseline.eager_update(seed_sched, i, xs[k % _ROTATE], guided(ms[k % _ROTATE])),
         device=dev,
         repeats=reps,
     )
@@ -175,9 +223,7 @@ def bench_loop(
     cfg, backend, dev, steps, batch = case.cfg, case.backend, case.dev, case.plan.steps, case.batch
     k = int(min(steps, max(2, cfg.loop_budget_s / per_step / 4)))  # 2 loops x (warm-up + timed)
     kplan = (
-        case.plan
-        if k == steps
-        else SamplingPlan.create(backend.meta, steps=k, sampler=cfg.sampler, seed=cfg.seed)
+        case.plan if k == steps else SamplingPlan.for_artifact(backend.meta, cfg.sampling.replace(steps=k))
     )
     graph = cfg.cuda_graph and dev.type == "cuda" and getattr(backend, "capturable", False)
     executor = CudaGraphExecutor() if graph else None
@@ -189,7 +235,7 @@ def bench_loop(
             return sample_batch(backend, kplan, batch, executor=executor)
 
     def eager_loop(_k: int) -> torch.Tensor:
-        return baseline.eager_loop(case.model, seed_sched, x0, range(k - 1, -1, -1))
+        return baseline.eager_loop(case.eager, seed_sched, x0, range(k - 1, -1, -1))
 
     reps = 3 if per_step * k < cfg.loop_budget_s / 6 else 1
     # one untimed loop each first: allocator growth, oneDNN/ORT first-call work are setup, not per-step cost
@@ -225,7 +271,7 @@ def bench_loop(
 def bench_case(case: Case) -> dict[str, Any]:
     """All three stages for one engine x batch size; the JSON-able result (floors from the device's rates)."""
     peak_memory_reset(case.dev)
-    flops = count_flops(case.model, case.xs[0], case.ts[0])
+    flops = count_flops(case.eager, case.xs[0], case.ts[0])
     fwd_floor = case.rates.model_floor(flops) if flops else None
     upd_floor = case.rates.update_floor(math.prod(case.shape))
     fwd_rows, eager_fwd, eng_fwd = bench_forward(case, fwd_floor)
@@ -274,18 +320,19 @@ def bench_variant(
     looped by ``ddpm.reverse`` with the fused step. Floors are fp32 floors: a bf16 row may beat one."""
     xs, ts, dev, cfg = case.xs, case.ts, case.dev, case.cfg
     base = {r["stage"]: r for r in result["rows"] if r.get("baseline")}
-    fwd = time_fn(lambda k: fn(xs[k % _ROTATE], ts[k % _ROTATE]), device=dev, repeats=cfg.repeats)
+    call = network_call(fn, case.plan, case.y, combine=eager)
+    fwd = time_fn(lambda k: call(xs[k % _ROTATE], ts[k % _ROTATE]), device=dev, repeats=cfg.repeats)
     k, steps = result["loop_steps_timed"], result["steps"]
     kplan = (
         case.plan
         if k == steps
-        else SamplingPlan.create(case.backend.meta, steps=k, sampler=cfg.sampler, seed=cfg.seed)
+        else SamplingPlan.for_artifact(case.backend.meta, cfg.sampling.replace(steps=k))
     )
     sched = baseline.EagerScheduler(kplan.schedule, dev)
 
     def loop_fn(_k: int) -> torch.Tensor:
         if eager:
-            return baseline.eager_loop(fn, sched, xs[0], range(k - 1, -1, -1))
+            return baseline.eager_loop(call, sched, xs[0], range(k - 1, -1, -1))
         return sample_batch(fn, kplan, case.batch)
 
     sampler = "" if kplan.sampler is Sampler.DDPM else f" {kplan.sampler}"

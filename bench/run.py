@@ -1,6 +1,6 @@
 """`ddpm bench`: latency per stage (model forward, step update, full loop) of each engine against eager PyTorch.
 
-For every engine and batch size, in one process and on one device (runtime/bench_stages.py):
+For every engine and batch size, in one process and on one device (bench/stages.py):
 
     forward   the engine's backend vs the same network in eager torch           (floor: FLOPs / matmul rate)
     update    the fused kernel vs ddpm.step (torch reference) vs the eager DDPM update (separate ops + randn_like)
@@ -12,13 +12,13 @@ Every runtime x precision that can run the engine here is measured in the same r
 onnxruntime fp32, OpenVINO fp32, OpenVINO bf16; a checkpoint: torch fp32, torch bf16 autocast), beside eager
 torch fp32 (the baseline) and eager torch bf16; the fastest forward and loop rows are marked. bf16 rows appear
 only on a CPU with native bf16 (ddpm.precision). The first pair (onnxruntime fp32 / torch fp32) is the engine's
-own result; the others are extra forward and loop rows of it (runtime/bench_stages.py, ``bench_variant``).
+own result; the others are extra forward and loop rows of it (bench/stages.py, ``bench_variant``).
 
 Every row carries its median, p10 and p90, the CPU share this process got while it was timed, its speed-up over
 the eager baseline of its stage and how far it is from its floor. A loop of --steps that would exceed the time
 budget is timed over fewer steps (a respaced schedule, same per-step work) and scaled up; the report says so
 (``loop_steps_timed``). The targets' met/missed verdict is withheld when the machine was busy, with the reasons
-(runtime/bench_trust.py). The report's tables and plot: runtime/bench_report.py.
+(bench/trust.py). The report's tables and plot: bench/report.py.
 """
 
 from __future__ import annotations
@@ -27,27 +27,28 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddpm.artifacts import artifact_kind, read_metadata
+from ddpm.artifacts import artifact_kind
 from ddpm.build_facts import build_facts
 from ddpm.cliutil import parse_int_list
 from ddpm.devices import default_cpu_threads
-from ddpm.errors import ArtifactError, InvalidArgumentError, MissingDependencyError
+from ddpm.errors import InvalidArgumentError, MissingDependencyError, SamplingError
 from ddpm.extension import cpu_extension
 from ddpm.precision import Precision, cpu_has_bf16, parse_precision
+from ddpm.runtime.backends import RUNTIMES, resolve_device
+from ddpm.runtime.backends.openvino_backend import import_openvino
+from ddpm.runtime.sampling import SamplingPlan, open_engine
 
-from .backends import RUNTIMES, open_backend, resolve_device
-from .backends.openvino_backend import import_openvino
-from .bench_report import plot_report, render_markdown
-from .bench_stages import Case, autocast_twin, bench_case, bench_variant, eager_model
-from .bench_trust import TARGETS, MachineClock, assess, check_targets, verdict_line
+from .config import BenchConfig
 from .floors import DeviceRates, measure_rates
-from .sampling import SamplingPlan
+from .report import plot_report, render_markdown
+from .stages import Case, autocast_twin, bench_case, bench_variant, eager_model
+from .trust import TARGETS, MachineClock, assess, check_targets, verdict_line
 
 __all__ = [
     "BenchConfig",
@@ -67,64 +68,6 @@ _THREAD_ENV = (
     "OMP_WAIT_POLICY",
     "GOMP_SPINCOUNT",
 )
-
-
-@dataclass
-class BenchConfig:
-    """What to measure.
-
-    engines: checkpoints / ONNX files / TensorRT engines (all of one model family or not: each is baselined
-        against its own architecture).
-    batches: batch sizes.  steps: loop length (None = the model's T).  sampler: the engine loop's sampler
-        (any name ddpm.Sampler accepts); the eager baseline is always the DDPM loop.
-    ckpt: checkpoint for the eager baseline when an engine is not itself a checkpoint; without it the baseline
-        is the same architecture (from the engine's metadata) with random weights — the latency is the same.
-    repeats: timed calls per forward measurement (>= 3: a median and a p90 of fewer mean little).
-    loop_budget_s: time one loop measurement may take before it is timed over fewer steps and scaled.
-    threads: CPU threads of every runtime, the eager baseline and the fused kernel (None: the cores this process
-        may use, ddpm.devices.default_cpu_threads).
-    runtimes / precisions: restrict the runtime x precision comparison (None: every one available here).
-    """
-
-    engines: list[Path]
-    batches: list[int] = field(default_factory=lambda: [1, 64])
-    steps: int | None = None
-    sampler: str = "ddpm"
-    device: str = "auto"
-    ckpt: Path | None = None
-    repeats: int = 20
-    loop_budget_s: float = 20.0
-    cuda_graph: bool = False
-    threads: int | None = None
-    seed: int = 0
-    command: str = ""
-    runtimes: list[str] | None = None
-    precisions: list[str] | None = None
-
-    def check(self) -> None:
-        """Every option, and every engine's metadata with --steps/--sampler, before minutes of measuring."""
-        if not self.engines:
-            raise InvalidArgumentError("give at least one --engine")
-        for e in self.engines:
-            if not Path(e).is_file():
-                raise ArtifactError(f"engine file {str(e)!r} does not exist")
-        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
-            raise InvalidArgumentError(f"--steps must be an integer >= 1, got {self.steps}")
-        if self.repeats < 3:
-            raise InvalidArgumentError(f"--repeats must be >= 3, got {self.repeats}")
-        if not self.loop_budget_s > 0:
-            raise InvalidArgumentError(f"--loop-budget must be > 0 seconds, got {self.loop_budget_s}")
-        if self.ckpt is not None and not Path(self.ckpt).is_file():
-            raise ArtifactError(f"--ckpt file {str(self.ckpt)!r} does not exist")
-        parse_int_list(self.batches, option="--batch")
-        known = {r for rs in RUNTIMES.values() for r in rs}
-        for r in self.runtimes or []:
-            if r not in known:
-                raise InvalidArgumentError(f"unknown runtime {r!r}; allowed: {', '.join(sorted(known))}")
-        for p in self.precisions or []:
-            parse_precision(p)
-        for e in self.engines:
-            SamplingPlan.create(read_metadata(e), steps=self.steps, sampler=self.sampler, seed=self.seed)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -213,9 +156,11 @@ def _open_all(cfg: BenchConfig, engine: Path, dev: torch.device, pairs: list[tup
     load_s = 0.0
     for runtime, precision in pairs:
         t0 = time.perf_counter()
-        opened.append(
-            open_backend(engine, device=dev, threads=cfg.threads, runtime=runtime, precision=precision)
+        # the same opener as ddpm run, with the run's options
+        options = cfg.sampling.replace(
+            device=str(dev), threads=cfg.threads, runtime=runtime, precision=precision
         )
+        opened.append(open_engine(engine, options).__enter__())
         load_s = load_s or time.perf_counter() - t0
     return load_s
 
@@ -249,7 +194,7 @@ def _bench_engine(
     try:
         load_s = _open_all(cfg, engine, dev, pairs, opened)
         backend = opened[0]
-        plan = SamplingPlan.create(backend.meta, steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed)
+        plan = SamplingPlan.for_artifact(backend.meta, cfg.sampling)
         t0 = time.perf_counter()
         model, weights = eager_model(engine, backend.meta, cfg.ckpt, dev)
         eager_load_s = time.perf_counter() - t0
@@ -260,7 +205,10 @@ def _bench_engine(
         results = []
         for batch in cfg.batches:
             log(f"bench {engine.name} batch {batch} on {dev} ...")
-            res = _bench_batch(Case(cfg, backend, model, plan, dev, batch, rates), opened, twins, log)
+            try:
+                res = _bench_batch(Case(cfg, backend, model, plan, dev, batch, rates), opened, twins, log)
+            except SamplingError as e:
+                raise SamplingError(f"{engine}: batch {batch}: {e}") from None
             results.append(
                 {
                     "engine": str(engine),

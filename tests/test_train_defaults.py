@@ -199,8 +199,12 @@ def test_run_uses_the_recommended_sampling_and_says_so(tmp_path, capsys):
         )  # fmt: skip
     )
     meta = read_checkpoint_metadata(ckpt)
-    assert meta["sampling"] == {"sampler": "ddpm", "steps": 7, "clip": 1.0}
-    assert recommended_sampling(meta) == {"sampler": "ddpm", "steps": 7, "clip": 1.0}
+    assert meta["sampling"] == {
+        "sampler": "dpm++2m",
+        "steps": 7,
+        "clip": 1.0,
+    }  # previews use the fast sampler
+    assert recommended_sampling(meta) == {"sampler": "dpm++2m", "steps": 7, "clip": 1.0}
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "u.onnx")]) == 0
     capsys.readouterr()
     args = [
@@ -215,11 +219,11 @@ def test_run_uses_the_recommended_sampling_and_says_so(tmp_path, capsys):
     ]
     assert main([*args, "--npz", str(tmp_path / "a.npz")]) == 0
     out = capsys.readouterr().out
-    assert "defaults from the model" in out and "--sampler ddpm --steps 7 --clip 1" in out
+    assert "defaults from the model" in out and "--sampler dpm++2m --steps 7 --clip 1" in out
     assert "steps=7" in out
     assert main([*args, "--steps", "3", "--clip", "inf", "--npz", str(tmp_path / "b.npz")]) == 0
     out = capsys.readouterr().out
-    assert "--sampler ddpm;" in out and "steps=3" in out
+    assert "--sampler dpm++2m;" in out and "steps=3" in out
     # the library's sample() keeps its explicit defaults (T steps, no clipping)
     x = ddpm.sample(ckpt, 1, steps=None, device="cpu")
     assert x.shape == (1, 1, 8, 8)
@@ -310,7 +314,7 @@ def test_estimate_and_the_smaller_preset_hint(tmp_path):
 def test_resume_keeps_the_saved_runs_defaults(tmp_path):
     # The default warm-up follows --iters (min(200, iters/5)); a resumed run keeps the saved one, so extending a
     # 10-step run to 20 steps equals an uninterrupted 20-step run with the same warm-up, loss for loss.
-    from ddpm.trainer.preview import read_loss_csv
+    from _files import read_loss_csv
 
     base = {"data": "swissroll", "batch_size": 32, "sample_steps": 2, "num_samples": 8, "progress": False}
     train(TrainConfig(out=tmp_path / "a", iters=10, **base))  # warm-up 2

@@ -30,8 +30,8 @@ from ddpm.devices import resolve_device
 from ddpm.errors import ArtifactError, InvalidArgumentError
 from ddpm.images import to_uint8_nhwc
 from ddpm.io import atomic_path, check_writable
+from ddpm.trainer.data import dataset_kind, load_dataset
 
-from .data import dataset_kind, load_dataset
 from .features import ClassifierFeatures, InceptionFeatures, reference_labels, train_classifier
 from .inception import WEIGHTS_NAME, default_weights_path, load_fid_inception
 from .metrics import feature_stats
@@ -45,6 +45,7 @@ __all__ = [
     "is_cached",
     "load_reference",
     "prepare_reference",
+    "reference_images",
     "save_reference",
 ]
 
@@ -179,7 +180,7 @@ def _device(device: str) -> str:
     return str(resolve_device(device))
 
 
-def _reference_images(spec: str, image_size: int | None) -> np.ndarray:
+def reference_images(spec: str, image_size: int | None) -> np.ndarray:
     """The dataset as uint8 [N, H, W, C], quantised the way ``ddpm run --npz`` quantises samples."""
     data = load_dataset(spec, image_size=image_size).data
     if data.dtype == torch.uint8:
@@ -221,7 +222,7 @@ def prepare_reference(
         )
     if dataset_kind(spec) == "folder" and image_size is None and image_shape is not None:
         image_size = image_shape[0]  # a folder has no native size: crop it to the samples'
-    images = _reference_images(spec, image_size)
+    images = reference_images(spec, image_size)
     if image_shape is not None:
         _check_shape(image_shape, images.shape[1:], spec)
     extractor, note = _inception(inception_weights, _device(device))
