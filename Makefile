@@ -41,6 +41,9 @@ demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)
 
 # The layer contract (import-linter, pyproject.toml [tool.importlinter]) runs first: a broken layer fails fast.
+# PYTHONDONTWRITEBYTECODE (set on some machines, ours included) would make every pytest worker and every
+# `python -m ddpm` subprocess recompile the package and re-rewrite the tests: ~5 CPU-s per process.
+test: export PYTHONDONTWRITEBYTECODE :=
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ networks compute something non-trivial; what the tests check must hold for any w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,7 +51,24 @@ def make_artifacts(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def shared_artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """One set per test session (the ONNX export takes seconds): the runtime test files share it read-only."""
+    """One set per test session (the ONNX export takes seconds): the runtime test files share it read-only.
+
+    Under pytest-xdist every worker uses the one set the first of them made, in the session's shared folder
+    (tests/conftest.py's DDPM_REFERENCE_DIR, beside the reference models; a file lock as there)."""
     if "art" not in _CACHE:
-        _CACHE["art"] = make_artifacts(tmp_path_factory.mktemp("runtime_artifacts"))
+        shared = os.environ.get("DDPM_REFERENCE_DIR")
+        if shared is None:
+            _CACHE["art"] = make_artifacts(tmp_path_factory.mktemp("runtime_artifacts"))
+        else:
+            from filelock import FileLock
+
+            folder = Path(shared) / "runtime_artifacts"
+            with FileLock(str(folder) + ".lock"):
+                if not (folder / "done").exists():
+                    folder.mkdir(exist_ok=True)
+                    make_artifacts(folder)
+                    (folder / "done").touch()
+            _CACHE["art"] = {
+                kind: (folder / f"{kind}.safetensors", folder / f"{kind}.onnx") for kind in CONFIGS
+            }
     return _CACHE["art"]

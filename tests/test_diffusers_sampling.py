@@ -25,6 +25,7 @@ import ddpm
 from ddpm.artifacts import read_metadata
 from ddpm.cli import main
 from ddpm.metadata import schedule_from_meta
+from ddpm.runtime.backends import TorchBackend, open_backend
 
 diffusers = pytest.importorskip("diffusers")
 scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
@@ -94,12 +95,21 @@ def test_ddpm_50_steps_matches_diffusers_loop(case, tmp_path, torch_gen, monkeyp
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, **sched_cfg)
     folder = pipeline(tmp_path / case, model, scheduler)
     engines = [folder]
-    if (
-        case == "v_cosine_learned_range"
-    ):  # the learned variance through ONNX too (one export: they cost ~5 s each)
+    if case == "v_cosine_learned_range":  # the learned variance through ONNX too (one export: seconds each)
         engines.append(tmp_path / f"{case}.onnx")
         code, err = cli(["export", "--ckpt", folder, "--out", engines[1]], capsys)
         assert code == 0, err
+        exported = read_metadata(engines[1], verify=True)
+        assert exported["variance"] == "learned_range" and exported["source"]["weights_kind"] == "main"
+        x = torch.randn(5, 3, 16, 16, generator=torch_gen)
+        t = torch.randint(0, 1000, (5,), generator=torch_gen)
+        with torch.no_grad():
+            want = model(x, t).sample
+        for engine in engines:  # the backends' first-call check accepts [N, 2C, H, W]
+            with open_backend(engine, device="cpu") as backend:
+                assert backend.output_shape == (6, 16, 16)
+                assert isinstance(backend, TorchBackend) == (engine == folder)
+                assert _rel(backend(x, t), want) <= 1e-4  # the forward (tests/test_diffusers_model.py's TOL)
     meta = read_metadata(folder)
     plan_ts = schedule_from_meta(meta).respace(50).timesteps  # ddpm's default spacing: improved-diffusion's
     seed = int(torch.randint(0, 2**62, (1,), generator=torch_gen))

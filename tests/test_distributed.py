@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _runtime_models import export_onnx, make_checkpoint
+from _runtime_models import shared_artifacts
 
 import ddpm
 from ddpm.cli import app, main
@@ -63,8 +63,7 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dist_onnx")
-    return export_onnx(make_checkpoint(folder, "unet"), folder / "unet.onnx")
+    return shared_artifacts(tmp_path_factory)["unet"][1]
 
 
 # --- shard planning ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ CLI in a subprocess, as a user does.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 from _hostile import assert_one_line, cli, leftovers, raw_strings, write_onnx
-from _runtime_models import export_onnx, make_checkpoint
+from _runtime_models import make_checkpoint, shared_artifacts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
@@ -69,11 +70,27 @@ def test_foreign_runtime_logs_stay_out_of_stderr(tmp_path, runtime):
             tmp_path / "scalar.onnx", [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], []
         ),
     }
-    for path in bad.values():
-        args = ["run", "--engine", path, "--runtime", runtime, "--steps", 2, "--num-samples", 3, "--no-progress",
-                "--out", tmp_path / "s.png"]  # fmt: skip
-        _one_line(_ddpm(*args), "the model failed on its first call")
-        assert not (tmp_path / "s.png").exists()
+    # One fresh process runs the three commands (`ddpm.cli.main` each; a process start costs seconds): its stderr
+    # holds exactly their three lines, and nothing of the runtime's own log.
+    runs = [["run", "--engine", str(path), "--runtime", runtime, "--steps", "2", "--num-samples", "3",
+             "--no-progress", "--out", str(tmp_path / "s.png")] for path in bad.values()]  # fmt: skip
+    script = (
+        "import json, sys\nfrom ddpm.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n    print('exit', main(argv), flush=True)\n    sys.stderr.flush()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, timeout=300
+    )
+    codes = [ln for ln in r.stdout.splitlines() if ln.startswith("exit ")]
+    assert codes == ["exit 2"] * len(runs), (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == len(runs) and all("the model failed on its first call" in ln for ln in lines), (
+        r.stderr
+    )
+    assert ":onnxruntime:" not in r.stderr and "\x1b[" not in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )
+    assert not (tmp_path / "s.png").exists()
 
 
 # ---- ddpm bench refuses what ddpm run refuses, through the same checks ----
@@ -129,8 +146,7 @@ def external(tmp_path_factory) -> dict[str, Path]:
     from onnx.external_data_helper import convert_model_to_external_data
 
     root = tmp_path_factory.mktemp("ext")
-    src = export_onnx(make_checkpoint(root, "unet"), root / "src.onnx")
-    model = onnx.load(str(src))
+    model = onnx.load(str(shared_artifacts(tmp_path_factory)["unet"][1]))
     (root / "legit" / "weights").mkdir(parents=True)
     convert_model_to_external_data(
         model, all_tensors_to_one_file=True, location="weights/w.bin", size_threshold=256
