@@ -14,8 +14,8 @@ ddpm variant, then diffusers again; the diffusers figure is the median of its ru
   precision this CPU runs: the folder itself in torch (fp32, bf16 autocast where the CPU has native bf16), the
   ONNX export in onnxruntime fp32 and OpenVINO fp32 / bf16. Same x_T, same number of network calls.
 
-Loop times exclude opening the model (reported apart as setup). DDPM-1000 is timed over its first --k steps and
-scaled by 1000 / k (every step costs the same network call and update); DPM-Solver++ runs all 20. The samples of
+Loop times exclude opening the model and its first (warm-up) call (reported apart as setup). DDPM-1000 is timed
+over its first --k steps and scaled by 1000 / k (every step costs the same network call and update); DPM-Solver++ runs all 20. The samples of
 both sides agree to ~1e-5 relative (tests/test_diffusers_sampling.py), so the quality is the same by construction;
 these are speed figures of random weights. The CPU, its bf16 flags, the threads and the load are in the output.
 """
@@ -82,11 +82,11 @@ def _diffusers_loop(
             folder / "scheduler", algorithm_type="dpmsolver++", solver_order=2
         )
     sched.set_timesteps(steps)
-    setup = time.perf_counter() - t0
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     with torch.no_grad():
-        unet(x, sched.timesteps[0])  # warm-up call, not timed (as the ddpm side)
+        unet(x, sched.timesteps[0])  # warm-up call: counted in setup, as on the ddpm side
+        setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         for t in sched.timesteps[:k]:
             x = sched.step(unet(x, t).sample, t, x, generator=g).prev_sample
@@ -95,7 +95,7 @@ def _diffusers_loop(
 
 
 def _ddpm_loop(engine: Path, runtime: str | None, precision: str, sampler: str, steps: int, k: int, batch: int,
-               seed: int, threads: int) -> tuple[float, float, str]:  # fmt: skip
+               seed: int, threads: int, compile: bool = False) -> tuple[float, float, str]:  # fmt: skip
     """(setup s, loop s for k steps, backend description) of ddpm's loop: the backend + the fused kernel."""
     from ddpm.loop import FiniteWatch, run_reverse
     from ddpm.noise import initial_noise
@@ -103,16 +103,15 @@ def _ddpm_loop(engine: Path, runtime: str | None, precision: str, sampler: str, 
     from ddpm.runtime.sampling import SamplingPlan, open_engine
 
     opts = SamplingOptions(sampler=sampler, steps=steps, seed=seed, device="cpu", threads=threads, runtime=runtime,
-                           precision=precision)  # fmt: skip
+                           precision=precision, compile=compile)  # fmt: skip
     t0 = time.perf_counter()
     with open_engine(engine, opts) as backend:
         plan = SamplingPlan.for_artifact(backend.meta, opts)
-        setup = time.perf_counter() - t0
         x = initial_noise(seed, (batch, 3, 32, 32))
         with torch.no_grad():
-            backend(
-                x, torch.zeros(batch, dtype=torch.int64)
-            )  # warm-up call (OpenVINO compiles per batch size)
+            # warm-up call, counted in setup (OpenVINO compiles per batch size, torch.compile on its first call)
+            backend(x, torch.zeros(batch, dtype=torch.int64))
+            setup = time.perf_counter() - t0
             t0 = time.perf_counter()
             watch = FiniteWatch(plan.schedule, batch, device=backend.device, stop=steps - k)
             run_reverse(backend, x, plan, stop=steps - k, on_step=watch)
@@ -129,19 +128,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--samplers", default="dpm++2m-20,ddpm-1000", help="SAMPLER-STEPS, comma-separated")
+    ap.add_argument("--compile", action="store_true", help="also the folder through torch.compile (inductor)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     from ddpm.precision import cpu_has_bf16
 
     folder, onnx = _folder(args.out)
-    variants = [(folder, None, "fp32"), (onnx, "onnxruntime", "fp32"), (onnx, "openvino", "fp32")]
+    variants = [
+        (folder, None, "fp32", False),
+        (onnx, "onnxruntime", "fp32", False),
+        (onnx, "openvino", "fp32", False),
+    ]
+    if args.compile:
+        variants.append((folder, None, "fp32", True))
     if cpu_has_bf16():
-        variants += [(folder, None, "bf16"), (onnx, "openvino", "bf16")]
+        variants += [(folder, None, "bf16", False), (onnx, "openvino", "bf16", False)]
     cpu, flags = _cpu()
     load0 = os.getloadavg()
     rows = []
-    for sampler, steps in (("dpm++2m", 20), ("ddpm", 1000)):
+    cases = [(name, int(n)) for name, n in (c.rsplit("-", 1) for c in args.samplers.split(","))]
+    for sampler, steps in cases:
         k = steps if steps <= 20 else args.k
         scale = steps / k
         for batch in (int(b) for b in args.batches.split(",")):
@@ -157,13 +165,15 @@ def main() -> None:
                 return setup
 
             their_setup = diffusers_run(0)
-            for j, (engine, runtime, precision) in enumerate(variants):
+            for j, (engine, runtime, precision, compiled) in enumerate(variants):
                 if args.repeats > 1 and j == len(variants) // 2:  # interleaved: drift shows in the spread
                     diffusers_run(1)
                 setup, loop, desc = _ddpm_loop(
-                    engine, runtime, precision, sampler, steps, k, batch, 0, args.threads
+                    engine, runtime, precision, sampler, steps, k, batch, 0, args.threads, compiled
                 )
-                name = f"ddpm {runtime or 'torch'} {precision} + fused kernel"
+                name = (
+                    f"ddpm {runtime or 'torch'}{' compiled' if compiled else ''} {precision} + fused kernel"
+                )
                 ours.append({"sampler": sampler, "steps": steps, "batch": batch, "who": name, "loop_s": loop * scale,
                              "setup_s": setup, "timed_steps": k, "backend": desc})  # fmt: skip
                 print(f"  {name}: {loop * scale:.2f} s (setup {setup:.2f} s)", flush=True)
@@ -186,7 +196,8 @@ def main() -> None:
         f"{torch.__version__}; load average before {load0[0]:.2f}, after {load1[0]:.2f}. Loop seconds for the whole "
         "sampling run (DDPM-1000 timed over its first "
         f"{args.k} steps and scaled by {1000 // args.k}); setup (opening the model) apart. Speed-up: diffusers' "
-        "loop time / this row's. Samples agree to ~1e-5 relative between the two (tests/test_diffusers_sampling.py).",
+        "loop time / this row's. Setup includes the first (warm-up) network call: OpenVINO and torch.compile "
+        "compile there. Samples agree to ~1e-5 relative between the two (tests/test_diffusers_sampling.py).",
         "",
         "| sampler | batch | who | loop | speed-up | setup |",
         "| --- | ---: | --- | ---: | ---: | ---: |",

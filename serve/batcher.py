@@ -5,7 +5,9 @@ backend's IO buffers are not shared between threads). Requests whose plans are e
 steps, spacing, eta, clip, variance; the model fixes runtime and precision) share a *key* and are merged:
 
     the worker takes the oldest waiting request; its key K decides the batch
-    it waits until the requests of key K hold max_batch rows, or the oldest has waited max_wait
+    it waits until the requests of key K hold max_batch rows, or max_wait has passed since the later of the
+        oldest's arrival and the end of the previous loop (the clients that loop answered get max_wait to send
+        their next request, so concurrent clients fill one loop instead of alternating in two half-full ones)
     it takes rows of key K in arrival order, at most max_batch: a request contributes what is left of it up to
         the batch's free rows, and if rows are still left it goes to the BACK of the queue (round robin)
     one reverse loop runs them: ddpm.runtime.segments.sample_segments, one segment per request piece
@@ -114,6 +116,7 @@ class Batcher:
         self._closed = False
         self._job_turn = False
         self._rate = 0.0  # rows/s of recent loops (an average), for Retry-After
+        self._free_since = 0.0  # time.monotonic() when the worker last finished a loop or job
         self._thread = threading.Thread(target=self._run, name=f"ddpm-serve-{name}", daemon=True)
         if start:
             self._thread.start()
@@ -204,6 +207,8 @@ class Batcher:
             if work is None:
                 return
             work()
+            with self._cond:
+                self._free_since = time.monotonic()
 
     def _next(self) -> Callable[[], None] | None:
         with self._cond:
@@ -219,7 +224,7 @@ class Batcher:
                     self._cond.wait()
                     continue
                 head = self._queue[0]
-                wait = head.arrived + self.max_wait_s - time.monotonic()
+                wait = max(head.arrived, self._free_since) + self.max_wait_s - time.monotonic()
                 if wait > 0 and self._rows[head.key] < self.max_batch:
                     self._cond.wait(wait)
                     continue
