@@ -323,10 +323,11 @@ def test_torchrun_conditional_training_matches_one_process(tmp_path):
             "--no-progress"]  # fmt: skip
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
-        r = subprocess.run([*cmd, "-m", "ddpm", *args, "--out", str(tmp_path / out)], capture_output=True,
-                           text=True, timeout=300, env=env)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
+    # one process: this one (as tests/test_distributed.py); two: torchrun
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    r = subprocess.run([*torchrun, "-m", "ddpm", *args, "--out", str(tmp_path / "two")], capture_output=True,
+                       text=True, timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
     np.testing.assert_allclose(read_loss_csv(tmp_path / "two" / "loss.csv"),
                                read_loss_csv(tmp_path / "one" / "loss.csv"), rtol=1e-5)  # fmt: skip
 
