@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from _hostile import assert_one_line, cli, leftovers
+from test_diffusers_model import BASE as UNET  # the small two-level UNet2DModel of the parity tests
+from test_diffusers_model import TOL
 
 from ddpm.artifacts import artifact_kind, read_metadata
 from ddpm.checkpoint import load_model
@@ -31,18 +33,6 @@ from ddpm.metadata import output_shape, schedule_from_meta
 from ddpm.runtime.backends import open_backend
 
 diffusers = pytest.importorskip("diffusers")  # the oracle, and the writer of the test folders
-
-TOL = 1e-4  # as tests/test_diffusers_model.py
-UNET = {
-    "sample_size": 16,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-}
 
 
 def unet(gen: torch.Generator, **over) -> torch.nn.Module:

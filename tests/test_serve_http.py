@@ -126,11 +126,15 @@ def test_c_wrong_or_missing_token_is_401_and_computes_nothing(server):
         assert metric(text, "ddpm_serve_samples_total", model="unet") == 2.0
 
 
+def _drawn_rng(what: str) -> random.Random:
+    """A fresh random draw of the test's load, its seed printed so that a failure can be replayed."""
+    seed = random.Random().randrange(2**63)
+    print(f"\n{what} drawn with random.Random({seed})")
+    return random.Random(seed)
+
+
 def test_a_concurrent_requests_are_bitwise_the_ddpm_run_answers(server, art, tmp_path):
-    rng = random.Random()
-    seed0 = rng.randrange(2**63)
-    print(f"\nrequests drawn with random.Random({seed0})")
-    rng.seed(seed0)
+    rng = _drawn_rng("requests")
     seeds = [rng.randrange(2**64) for _ in range(3)]
     reqs = [
         (rng.choice(MIXED), rng.choice(seeds), rng.randint(1, 40), rng.uniform(0, 0.1)) for _ in range(50)
@@ -268,10 +272,7 @@ MALFORMED = [
 
 
 def test_b_hostile_load_no_5xx_bounded_memory_correct_answers(server, art, tmp_path):
-    rng = random.Random()
-    seed0 = rng.randrange(2**63)
-    print(f"\nload drawn with random.Random({seed0})")
-    rng.seed(seed0)
+    rng = _drawn_rng("load")
     seeds = [rng.randrange(2**64) for _ in range(4)]
     valid = [
         (rng.choice(["unet-default", "mlp-sde"]), rng.choice(seeds), rng.randint(1, 4)) for _ in range(1600)
