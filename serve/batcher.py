@@ -7,7 +7,10 @@ steps, spacing, eta, clip, variance; the model fixes runtime and precision) shar
     the worker takes the oldest waiting request; its key K decides the batch
     it waits until the requests of key K hold max_batch rows, or max_wait has passed since the later of the
         oldest's arrival and the end of the previous loop (the clients that loop answered get max_wait to send
-        their next request, so concurrent clients fill one loop instead of alternating in two half-full ones)
+        their next request, so concurrent clients fill one loop instead of alternating in two half-full ones);
+        right after a loop of key K it stops waiting as soon as K holds the rows the loop answered plus those that
+        were already waiting when it ended (capped at max_batch): the clients it expects are back, and waiting
+        longer only adds latency. Clients that do not come back cost at most max_wait, as before.
     it takes rows of key K in arrival order, at most max_batch: a request contributes what is left of it up to
         the batch's free rows, and if rows are still left it goes to the BACK of the queue (round robin)
     one reverse loop runs them: ddpm.runtime.segments.sample_segments, one segment per request piece
@@ -117,6 +120,8 @@ class Batcher:
         self._job_turn = False
         self._rate = 0.0  # rows/s of recent loops (an average), for Retry-After
         self._free_since = 0.0  # time.monotonic() when the worker last finished a loop or job
+        # (key, rows, when) after a loop: the rows its answered clients plus those already waiting make up
+        self._expect: tuple[Hashable, int, float] | None = None
         self._thread = threading.Thread(target=self._run, name=f"ddpm-serve-{name}", daemon=True)
         if start:
             self._thread.start()
@@ -225,12 +230,21 @@ class Batcher:
                     continue
                 head = self._queue[0]
                 wait = max(head.arrived, self._free_since) + self.max_wait_s - time.monotonic()
-                if wait > 0 and self._rows[head.key] < self.max_batch:
+                if wait > 0 and self._rows[head.key] < self._enough(head):
                     self._cond.wait(wait)
                     continue
                 pieces = self._take(head.key)
                 self._job_turn = True
                 return lambda: self._run_loop(head.plan, pieces)
+
+    def _enough(self, head: Ticket) -> int:  # under the lock
+        """Rows of ``head``'s key worth starting a loop for before max_wait: max_batch, or fewer right after a
+        loop of that key (the rows it expects back, see the module docstring)."""
+        if self._expect is not None:
+            key, rows, since = self._expect
+            if rows and key == head.key and head.arrived <= since + self.max_wait_s:
+                return min(self.max_batch, rows)
+        return self.max_batch
 
     def _drop_rows(self, key: Hashable, n: int) -> None:  # under the lock
         self._rows[key] -= n
@@ -259,6 +273,8 @@ class Batcher:
         return pieces
 
     def _run_job(self, fn: Callable[[Any], Any], fut: Future) -> None:
+        with self._cond:
+            self._expect = None
         if not fut.set_running_or_notify_cancel():
             return
         try:
@@ -282,6 +298,10 @@ class Batcher:
         self._rate = rows / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * rows / max(seconds, 1e-9)
         if self.on_batch is not None:
             self.on_batch(rows, seconds)
+        key = pieces[0][0].key
+        with self._cond:  # before any answer goes out: what waits now arrived during the loop
+            waiting = self._rows.get(key, 0)
+        answered = 0
         a = 0
         for t, first, k in pieces:
             part, a = x[a : a + k], a + k
@@ -299,7 +319,10 @@ class Batcher:
             t.out[first : first + k] = part
             t.done += k
             if t.done == t.num_samples:
+                answered += t.num_samples
                 _settle(t.future, t.out)
+        with self._cond:
+            self._expect = (key, answered + waiting, time.monotonic())
 
 
 def _settle(fut: Future, result: Any = None, *, error: BaseException | None = None) -> None:

@@ -119,6 +119,39 @@ def test_max_wait_bounds_the_wait_for_a_fuller_batch():
     b.close()
 
 
+def test_clients_a_loop_answered_are_not_kept_waiting_once_they_are_back():
+    """Closed-loop clients (each sends its next request when answered): after the first loop the batcher starts
+    the next as soon as all of them are back, rather than waiting out max_wait, and never with fewer rows."""
+    fake = FakeCompute(delay=0.05)
+    b = Batcher(None, max_batch=64, max_wait_s=2.0, compute=fake, start=False)
+    clients, rounds = 3, 4
+    done = threading.Event()
+    answers: list[int] = []
+
+    def send(seed: int) -> None:
+        ticket = b.submit("k", "p", seed, 1)
+        ticket.future.add_done_callback(lambda f: back(seed))
+
+    def back(seed: int) -> None:
+        answers.append(seed)
+        if len(answers) == clients * rounds:
+            done.set()
+        elif seed + clients < clients * rounds:
+            threading.Timer(0.02 * (seed % clients), send, (seed + clients,)).start()  # staggered returns
+
+    for seed in range(clients):
+        send(seed)
+    b.start()
+    assert done.wait(WAIT)
+    b.close()
+    assert [sorted(s.seed for s in segs) for _, segs, _ in fake.loops] == [
+        [r * clients + c for c in range(clients)] for r in range(rounds)
+    ]
+    starts = [when for _, _, when in fake.loops]
+    gaps = [b - a - fake.delay for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(g < 1.0 for g in gaps), gaps  # the last client was back after ~0.04 s; max_wait is 2 s
+
+
 def test_queue_bound_refuses_with_retry_after_then_admits_again():
     gate = threading.Event()
 
