@@ -11,7 +11,10 @@ PYTHON      ?= python3
 QUIET       := 2>&1 | { grep -v '^WARNING: Location' || true; }
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
+# --no-compile: pip would byte-compile every installed module (torch alone: 20 of its 28 s); Python compiles
+# the ones a process imports, once, on first import (the import check below warms the common ones).
 PIP         := $(PY) -m pip --disable-pip-version-check
+INSTALL     := $(PIP) install -q --no-compile
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.ddpm-installed
@@ -29,14 +32,15 @@ SERIAL_FILES ?= $(shell grep -l "mark.serial" tests/test_*.py 2>/dev/null)
 
 setup: $(STAMP)
 
+$(STAMP): export PYTHONDONTWRITEBYTECODE :=
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip $(QUIET)
-	$(PIP) install -q "$(TORCH_SPEC)" numpy $(TORCH_PIP_ARGS) $(QUIET)
+	$(INSTALL) --upgrade pip $(QUIET)
+	$(INSTALL) "$(TORCH_SPEC)" numpy $(TORCH_PIP_ARGS) $(QUIET)
 	$(PY) -c "import torch" # fail here, clearly, if torch did not install
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
-	$(PIP) install -q --no-build-isolation -e ".[test]" $(QUIET)
-	$(PY) -c "import ddpm._C, ddpm.cli" # the extension must have built
+	$(INSTALL) "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
+	$(INSTALL) --no-build-isolation -e ".[test]" $(QUIET)
+	$(PY) -c "import ddpm._C, ddpm.cli, onnx, onnxruntime" # the extension must have built
 	touch $(STAMP)
 
 demo: $(STAMP)
