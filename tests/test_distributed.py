@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _files import torchrun_failure
 from _runtime_models import shared_artifacts
 
 import ddpm
@@ -168,7 +169,7 @@ def test_torchrun_sampling_equals_single_process(onnx_file, tmp_path):
     single, gathered = tmp_path / "a.npz", tmp_path / "b.npz"
     assert _ddpm("run", "--engine", str(onnx_file), *RUN, "--npz", str(single)).returncode == 0
     r = _ddpm("run", "--engine", str(onnx_file), *RUN, "--npz", str(gathered), torchrun=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, torchrun_failure(r)
     assert "ranks=2 samples per rank=5,5" in r.stdout
     assert gathered.read_bytes() == single.read_bytes()
 
@@ -236,7 +237,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     np.testing.assert_allclose(_losses(run), _losses(ref)[:saved], rtol=1e-5)
 
     r = _ddpm("train", *TRAIN, "--out", str(run), "--iters", "12", "--resume", "--no-progress", torchrun=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, torchrun_failure(r)
     assert r.stdout.count("checkpoint:") == 1  # rank 0 reports, rank 1 stays quiet
     np.testing.assert_allclose(_losses(run), _losses(ref)[:12], rtol=1e-5)
 

@@ -154,6 +154,10 @@ def process_group(device: str, backend: str | None = None) -> Iterator[DistConte
     ctx = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, name)
     try:
         yield ctx
+        # Leave together: torch asks every rank to destroy the group within its timeout, and a rank that tears
+        # down its connections while rank 0 still writes the last save and preview leaves gloo's teardown to race
+        # (a rank aborted with SIGABRT once at the end of a resumed run, on a loaded 2-core machine).
+        dist.barrier()
     except dist.DistError as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise TrainingError(
