@@ -120,7 +120,7 @@ class Batcher:
         self._job_turn = False
         self._rate = 0.0  # rows/s of recent loops (an average), for Retry-After
         self._free_since = 0.0  # time.monotonic() when the worker last finished a loop or job
-        # (key, rows, when) after a loop: the rows its answered clients plus those already waiting make up
+        # (key, rows, when) after a loop of key: the rows to expect back (its answered clients' and those waiting)
         self._expect: tuple[Hashable, int, float] | None = None
         self._thread = threading.Thread(target=self._run, name=f"ddpm-serve-{name}", daemon=True)
         if start:
