@@ -16,6 +16,9 @@ PY          := $(VENV)/bin/python
 # (WARM_IMPORTS: ~14 CPU-s that five concurrent pytest processes would otherwise each spend).
 PIP         := $(PY) -m pip --disable-pip-version-check
 INSTALL     := $(PIP) install -q --no-compile
+# PYTHONDONTWRITEBYTECODE (set on some machines, ours included) would undo that: every pytest worker and every
+# `python -m ddpm` subprocess would recompile what it imports and re-rewrite the tests (~5 CPU-s per process).
+export PYTHONDONTWRITEBYTECODE :=
 WARM_IMPORTS := ddpm.trainer.train, ddpm.export.pipeline, ddpm.runtime.sampling, ddpm.serve, torch.onnx, \
 	onnxscript, onnxruntime, openvino, diffusers, scipy.stats, sklearn.linear_model, matplotlib.pyplot, \
 	hypothesis, httpx, pytest, xdist
@@ -36,7 +39,6 @@ SERIAL_FILES ?= $(shell grep -l "mark.serial" tests/test_*.py 2>/dev/null)
 
 setup: $(STAMP)
 
-$(STAMP): export PYTHONDONTWRITEBYTECODE :=
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(INSTALL) --upgrade pip $(QUIET)
@@ -44,18 +46,15 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PY) -c "import torch" # fail here, clearly, if torch did not install
 	$(INSTALL) "scikit-build-core>=0.10" "pybind11>=2.12" $(QUIET)
 	$(INSTALL) --no-build-isolation -e ".[test]" $(QUIET)
-	$(PY) -c "import ddpm._C, ddpm.cli" # the extension must have built
-	# One process byte-compiles what every test process imports, before pytest starts five of them at once.
-	$(PY) -c "import $(WARM_IMPORTS)"
+	# The extension must have built; the same process byte-compiles what every test process imports, before
+	# pytest starts five of them at once.
+	$(PY) -c "import ddpm._C, ddpm.cli, $(WARM_IMPORTS)"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)
 
 # The layer contract (import-linter, pyproject.toml [tool.importlinter]) runs first: a broken layer fails fast.
-# PYTHONDONTWRITEBYTECODE (set on some machines, ours included) would make every pytest worker and every
-# `python -m ddpm` subprocess recompile the package and re-rewrite the tests: ~5 CPU-s per process.
-test: export PYTHONDONTWRITEBYTECODE :=
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)

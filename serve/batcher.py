@@ -120,8 +120,9 @@ class Batcher:
         self._job_turn = False
         self._rate = 0.0  # rows/s of recent loops (an average), for Retry-After
         self._free_since = 0.0  # time.monotonic() when the worker last finished a loop or job
-        # (key, rows, when) after a loop of key: the rows to expect back (its answered clients' and those waiting)
-        self._expect: tuple[Hashable, int, float] | None = None
+        # (key, rows) after a loop of key, until the next job: the rows to expect back (its answered clients' and
+        # those waiting when it ended); _free_since says when
+        self._expect: tuple[Hashable, int] | None = None
         self._thread = threading.Thread(target=self._run, name=f"ddpm-serve-{name}", daemon=True)
         if start:
             self._thread.start()
@@ -241,8 +242,8 @@ class Batcher:
         """Rows of ``head``'s key worth starting a loop for before max_wait: max_batch, or fewer right after a
         loop of that key (the rows it expects back, see the module docstring)."""
         if self._expect is not None:
-            key, rows, since = self._expect
-            if rows and key == head.key and head.arrived <= since + self.max_wait_s:
+            key, rows = self._expect
+            if rows and key == head.key and head.arrived <= self._free_since + self.max_wait_s:
                 return min(self.max_batch, rows)
         return self.max_batch
 
@@ -322,7 +323,7 @@ class Batcher:
                 answered += t.num_samples
                 _settle(t.future, t.out)
         with self._cond:
-            self._expect = (key, answered + waiting, time.monotonic())
+            self._expect = (key, answered + waiting)
 
 
 def _settle(fut: Future, result: Any = None, *, error: BaseException | None = None) -> None:
