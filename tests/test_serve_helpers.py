@@ -4,7 +4,8 @@ started as a user starts it (``python -m ddpm serve`` on a free port), and the r
 The artifacts are a [1, 8, 8] UNet that recommends dpm++2m, 4 steps, clip 1 (so a bare request is fast and
 still goes through the model's recommendation, as ``ddpm run``'s defaults do) and a [2] MLP, both exported to
 ONNX by the project's exporter. They are built once per session even under pytest-xdist: the workers share
-the folder above their own temp folders, and a file lock lets one of them export.
+the folder above their own temp folders (or ``DDPM_TEST_SHARED``, which `make test` sets for both of its pytest
+runs), and a file lock lets one of them export.
 """
 
 from __future__ import annotations
@@ -48,11 +49,19 @@ def _checkpoint(folder: Path, kind: str, sampling: dict | None) -> Path:
     return save_checkpoint(folder / f"{kind}.safetensors", model, meta)
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """Where artifacts built once are kept: ``DDPM_TEST_SHARED`` when set (`make test` sets one folder for both of
+    its pytest runs, so the serial run reuses the first run's exports), else the folder above the xdist workers'
+    own temp folders (shared by the workers of this session), else this session's temp folder."""
+    if os.environ.get("DDPM_TEST_SHARED"):
+        return Path(os.environ["DDPM_TEST_SHARED"])
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def serve_artifacts(tmp_path_factory) -> dict[str, Path]:
     """{"unet": unet.onnx, "mlp": mlp.onnx, "unet_ckpt": unet.safetensors}, built once per session."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the workers of this session
+    root = shared_root(tmp_path_factory)
     folder = root / "serve_artifacts"
     with FileLock(str(root / "serve_artifacts.lock")):
         done = folder / "done"
@@ -73,9 +82,7 @@ def serve_artifacts(tmp_path_factory) -> dict[str, Path]:
 def conditional_artifact(tmp_path_factory) -> Path:
     """A class-conditional [1, 8, 8] UNet (3 classes named a, b, c; null class 3, trained-with-dropout in its
     metadata) exported to ONNX, once per session; only the tests that need it pay for its export."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = shared_root(tmp_path_factory)
     folder = root / "serve_conditional"
     with FileLock(str(root / "serve_conditional.lock")):
         onnx = folder / "cond.onnx"
