@@ -50,25 +50,29 @@ def make_artifacts(folder: Path) -> dict[str, tuple[Path, Path]]:
     return out
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """Where the artifacts built once per session are kept: ``DDPM_TEST_SHARED`` when set (`make test` sets one
+    folder for both of its pytest runs, so the serial run reuses the first run's exports), else the folder above
+    the xdist workers' own temp folders (shared by the workers of this session), else this session's temp folder."""
+    if os.environ.get("DDPM_TEST_SHARED"):
+        return Path(os.environ["DDPM_TEST_SHARED"])
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def shared_artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """One set per test session (the ONNX export takes seconds): the runtime test files share it read-only.
 
-    Under pytest-xdist every worker uses the one set the first of them made, in the session's shared folder
-    (tests/conftest.py's DDPM_REFERENCE_DIR, beside the reference models; a file lock as there)."""
+    Under pytest-xdist every worker uses the one set the first of them made, in :func:`shared_root` (a file lock
+    lets one of them export)."""
     if "art" not in _CACHE:
-        shared = os.environ.get("DDPM_REFERENCE_DIR")
-        if shared is None:
-            _CACHE["art"] = make_artifacts(tmp_path_factory.mktemp("runtime_artifacts"))
-        else:
-            from filelock import FileLock
+        from filelock import FileLock
 
-            folder = Path(shared) / "runtime_artifacts"
-            with FileLock(str(folder) + ".lock"):
-                if not (folder / "done").exists():
-                    folder.mkdir(exist_ok=True)
-                    make_artifacts(folder)
-                    (folder / "done").touch()
-            _CACHE["art"] = {
-                kind: (folder / f"{kind}.safetensors", folder / f"{kind}.onnx") for kind in CONFIGS
-            }
+        folder = shared_root(tmp_path_factory) / "runtime_artifacts"
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / "done").exists():
+                folder.mkdir(exist_ok=True)
+                make_artifacts(folder)
+                (folder / "done").touch()
+        _CACHE["art"] = {kind: (folder / f"{kind}.safetensors", folder / f"{kind}.onnx") for kind in CONFIGS}
     return _CACHE["art"]

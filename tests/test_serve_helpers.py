@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from _runtime_models import CONFIGS, export_onnx
+from _runtime_models import CONFIGS, export_onnx, shared_root
 from filelock import FileLock
 
 from ddpm.checkpoint import save_checkpoint
@@ -47,16 +47,6 @@ def _checkpoint(folder: Path, kind: str, sampling: dict | None) -> Path:
     if sampling is not None:
         meta["sampling"] = sampling
     return save_checkpoint(folder / f"{kind}.safetensors", model, meta)
-
-
-def shared_root(tmp_path_factory) -> Path:
-    """Where artifacts built once are kept: ``DDPM_TEST_SHARED`` when set (`make test` sets one folder for both of
-    its pytest runs, so the serial run reuses the first run's exports), else the folder above the xdist workers'
-    own temp folders (shared by the workers of this session), else this session's temp folder."""
-    if os.environ.get("DDPM_TEST_SHARED"):
-        return Path(os.environ["DDPM_TEST_SHARED"])
-    root = tmp_path_factory.getbasetemp()
-    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 def serve_artifacts(tmp_path_factory) -> dict[str, Path]:
