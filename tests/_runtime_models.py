@@ -7,6 +7,7 @@ networks compute something non-trivial; what the tests check must hold for any w
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,19 +61,26 @@ def shared_root(tmp_path_factory) -> Path:
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """``shared_root/name``, filled by ``build(folder)`` the first time any process of the session asks (a file
+    lock lets one of them build; a ``done`` marker tells the others it is complete)."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / "done").touch()
+    return folder
+
+
 def shared_artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """One set per test session (the ONNX export takes seconds): the runtime test files share it read-only.
 
-    Under pytest-xdist every worker uses the one set the first of them made, in :func:`shared_root` (a file lock
-    lets one of them export)."""
+    Under pytest-xdist every worker uses the one set the first of them made (:func:`built_once`)."""
     if "art" not in _CACHE:
-        from filelock import FileLock
-
-        folder = shared_root(tmp_path_factory) / "runtime_artifacts"
-        with FileLock(str(folder) + ".lock"):
-            if not (folder / "done").exists():
-                folder.mkdir(exist_ok=True)
-                make_artifacts(folder)
-                (folder / "done").touch()
+        folder = built_once(tmp_path_factory, "runtime_artifacts", make_artifacts)
         _CACHE["art"] = {kind: (folder / f"{kind}.safetensors", folder / f"{kind}.onnx") for kind in CONFIGS}
     return _CACHE["art"]

@@ -4,7 +4,8 @@ it is asked for, more surely with guidance, and its unconditional path (the null
 as well as the session's unconditional digits model.
 
 Samples: DPM-Solver++(2M) 20 steps, clip 1, the fused kernel through the ONNX export (onnxruntime), 300 per
-setting (900 per model for the null-class comparison), classes 0..9 cycled; scored by the digits classifier (ddpm.evaluation.metrics). Measured on seed-0 models
+setting (900 per model for the null-class comparison), classes 0..9 cycled; scored by the digits classifier
+(ddpm.evaluation.metrics). Measured on seed-0 models
 (benchmarks/conditional_cpu.md): at 1500 steps class accuracy 0.89-0.943 at S = 1 (one CI run read 0.89; 300
 samples put ~0.016 of sampling spread on it) and 0.993-1.000 at S = 3, null class confidence 0.855-0.872 against
 0.893-0.898 for the unconditional model (sampling seeds 0-2). The acceptance figures (S = 1 >= 0.90, null within

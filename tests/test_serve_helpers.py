@@ -26,8 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from _runtime_models import CONFIGS, export_onnx, shared_root
-from filelock import FileLock
+from _runtime_models import CONFIGS, built_once, export_onnx
 
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
@@ -51,17 +50,14 @@ def _checkpoint(folder: Path, kind: str, sampling: dict | None) -> Path:
 
 def serve_artifacts(tmp_path_factory) -> dict[str, Path]:
     """{"unet": unet.onnx, "mlp": mlp.onnx, "unet_ckpt": unet.safetensors}, built once per session."""
-    root = shared_root(tmp_path_factory)
-    folder = root / "serve_artifacts"
-    with FileLock(str(root / "serve_artifacts.lock")):
-        done = folder / "done"
-        if not done.exists():
-            folder.mkdir(exist_ok=True)
-            unet = _checkpoint(folder, "unet", UNET_SAMPLING)
-            export_onnx(unet, folder / "unet.onnx")
-            mlp = _checkpoint(folder, "mlp", {"sampler": "ddpm", "steps": 5, "clip": None})
-            export_onnx(mlp, folder / "mlp.onnx")
-            done.write_text("ok")
+
+    def build(folder: Path) -> None:
+        export_onnx(_checkpoint(folder, "unet", UNET_SAMPLING), folder / "unet.onnx")
+        export_onnx(
+            _checkpoint(folder, "mlp", {"sampler": "ddpm", "steps": 5, "clip": None}), folder / "mlp.onnx"
+        )
+
+    folder = built_once(tmp_path_factory, "serve_artifacts", build)
     return {
         "unet": folder / "unet.onnx",
         "mlp": folder / "mlp.onnx",
@@ -72,27 +68,17 @@ def serve_artifacts(tmp_path_factory) -> dict[str, Path]:
 def conditional_artifact(tmp_path_factory) -> Path:
     """A class-conditional [1, 8, 8] UNet (3 classes named a, b, c; null class 3, trained-with-dropout in its
     metadata) exported to ONNX, once per session; only the tests that need it pay for its export."""
-    root = shared_root(tmp_path_factory)
-    folder = root / "serve_conditional"
-    with FileLock(str(root / "serve_conditional.lock")):
-        onnx = folder / "cond.onnx"
-        if not onnx.exists():
-            folder.mkdir(exist_ok=True)
-            model = build_model({**CONFIGS["unet"](), "num_classes": 3})
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-            meta = {
-                "schedule": Schedule.linear(1000).config,
-                "prediction": "eps",
-                "dataset": "test",
-                "step": 0,
-            }
-            meta["classes"] = {"count": 3, "null": 3, "names": ["a", "b", "c"], "p_uncond": 0.1}
-            ckpt = save_checkpoint(folder / "cond.safetensors", model, meta)
-            export_onnx(ckpt, folder / "cond.tmp.onnx")
-            (folder / "cond.tmp.onnx").rename(onnx)
-    return onnx
+
+    def build(folder: Path) -> None:
+        model = build_model({**CONFIGS["unet"](), "num_classes": 3})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        meta = {"schedule": Schedule.linear(1000).config, "prediction": "eps", "dataset": "test", "step": 0}
+        meta["classes"] = {"count": 3, "null": 3, "names": ["a", "b", "c"], "p_uncond": 0.1}
+        export_onnx(save_checkpoint(folder / "cond.safetensors", model, meta), folder / "cond.onnx")
+
+    return built_once(tmp_path_factory, "serve_conditional", build) / "cond.onnx"
 
 
 def free_port() -> int:
